@@ -1,0 +1,3 @@
+fn main() -> anyhow::Result<()> {
+    redpacket_node::cli::main()
+}

@@ -1,0 +1,122 @@
+//! The Raft groups of one node: one openraft instance per group, all sharing the node's
+//! RocksDB and its peer connections. A packet's group is fixed by its id
+//! ([`crate::packet::PacketId::group`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::type_config::async_runtime::WatchReceiver;
+
+use openraft::ServerState;
+
+use super::Node;
+use super::NodeId;
+use super::Raft;
+use super::network::GroupNetwork;
+use super::network::PeerChannels;
+use crate::config::NodeConfig;
+use crate::storage::Store;
+
+pub struct Groups {
+    node_id: NodeId,
+    rafts: Vec<Raft>,
+}
+
+impl Groups {
+    /// Starts (or restarts from disk) every group of this node.
+    pub async fn start(config: &NodeConfig, store: &Store, peers: Arc<PeerChannels>) -> anyhow::Result<Groups> {
+        let raft_config = Arc::new(config.openraft_config()?);
+        let mut rafts = Vec::with_capacity(config.groups as usize);
+        for group in 0..config.groups {
+            let raft = Raft::new(
+                config.node_id,
+                raft_config.clone(),
+                GroupNetwork::new(group, peers.clone()),
+                store.log_store(group),
+                store.state_machine(group),
+            )
+            .await?;
+            rafts.push(raft);
+        }
+        // Serve nothing stale after a restart: wait until each group has re-applied what it
+        // had committed before it went down.
+        for raft in &rafts {
+            raft.wait_for_recovery(Some(Duration::from_secs(30))).await?;
+        }
+        Ok(Groups { node_id: config.node_id, rafts })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    pub fn count(&self) -> u32 {
+        self.rafts.len() as u32
+    }
+
+    /// The Raft of `group`, or `None` for a group this node does not have.
+    pub fn get(&self, group: u32) -> Option<&Raft> {
+        self.rafts.get(group as usize)
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = (u32, &Raft)> {
+        self.rafts.iter().enumerate().map(|(g, r)| (g as u32, r))
+    }
+
+    /// The current leader of `group` and its address, waiting up to `wait` for one to be
+    /// elected.
+    pub async fn leader(&self, group: u32, wait: Duration) -> Option<(NodeId, Node)> {
+        let raft = self.get(group)?;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            {
+                let m = raft.metrics().borrow_watched().clone();
+                if let Some(leader) = m.current_leader {
+                    if let Some(node) = m.membership_config.membership().get_node(&leader) {
+                        return Some((leader, node.clone()));
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether any group has been initialized (has a membership).
+    pub fn is_initialized(&self) -> bool {
+        self.rafts.iter().any(|r| r.metrics().borrow_watched().membership_config.membership().voter_ids().next().is_some())
+    }
+
+    /// Number of groups each node leads, as this node sees it.
+    pub fn leader_counts(&self) -> BTreeMap<NodeId, usize> {
+        let mut counts = BTreeMap::new();
+        for raft in &self.rafts {
+            if let Some(l) = raft.metrics().borrow_watched().current_leader {
+                *counts.entry(l).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    /// Stops every group's Raft.
+    pub async fn shutdown(&self) {
+        for (group, raft) in self.all() {
+            if let Err(e) = raft.shutdown().await {
+                tracing::warn!(group, "raft shutdown: {e}");
+            }
+        }
+    }
+
+    pub fn role_name(state: ServerState) -> &'static str {
+        match state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        }
+    }
+}

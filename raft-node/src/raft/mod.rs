@@ -1,0 +1,78 @@
+//! Consensus: the openraft type configuration, the commands carried by the log, the
+//! transport between nodes, and the set of Raft groups a node runs.
+
+pub mod balance;
+pub mod groups;
+pub mod network;
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::packet::Claim;
+use crate::packet::Millis;
+use crate::packet::NewPacket;
+use crate::packet::Packet;
+use crate::packet::PacketError;
+use crate::packet::PacketId;
+use crate::storage::GroupStateMachine;
+
+openraft::declare_raft_types!(
+    /// openraft's types for redpacket: node ids are u64, nodes carry their gRPC address.
+    pub TypeConfig:
+        D = Command,
+        R = Reply,
+);
+
+pub type NodeId = u64;
+pub type Node = openraft::BasicNode;
+pub type Raft = openraft::Raft<TypeConfig, GroupStateMachine>;
+
+/// One operation on a group's packets: the application data of a Raft log entry.
+///
+/// Everything apply needs is in the command (time, seed): apply depends only on the entry
+/// and the state before it, never on the replica's clock or randomness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Create a packet; the leader filled in its id, seed and times.
+    Create(NewPacket),
+    /// `user` grabs a share at time `at` (the leader's clock); with `open`, also opens it.
+    Grab { packet_id: PacketId, user: String, at: Millis, open: bool },
+    /// `user` opens the share they grabbed.
+    Open { packet_id: PacketId, user: String, at: Millis },
+}
+
+impl Command {
+    pub fn packet_id(&self) -> &PacketId {
+        match self {
+            Command::Create(p) => &p.packet_id,
+            Command::Grab { packet_id, .. } | Command::Open { packet_id, .. } => packet_id,
+        }
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Create(p) => write!(f, "create({}, {} cents, {} shares)", p.packet_id, p.total, p.shares),
+            Command::Grab { packet_id, user, open, .. } => write!(f, "grab({packet_id}, {user}, open={open})"),
+            Command::Open { packet_id, user, .. } => write!(f, "open({packet_id}, {user})"),
+        }
+    }
+}
+
+/// What applying a command produced, returned to the client that proposed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The packet as created (or as first created, for a repeated request).
+    Created(Packet),
+    /// The user's share (new or already held), and the shares still ungrabbed.
+    Grabbed { claim: Claim, shares_left: u32 },
+    /// The user's opened share.
+    Opened { claim: Claim },
+    /// The command was refused; nothing changed.
+    Refused(PacketError),
+    /// Entries that carry no command (blank, membership).
+    Empty,
+}

@@ -1,0 +1,224 @@
+//! The sending side of the Raft transport: how one group's Raft talks to its peers.
+//!
+//! Every group of a node shares one gRPC channel per peer node ([`PeerChannels`]); each
+//! message names its group so the receiver can route it. Raft messages are encoded with
+//! [`crate::storage::codec`] into an opaque payload, which keeps the protobuf schema
+//! independent of openraft's internal types.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use openraft::OptionalSend;
+use openraft::RaftNetworkFactory;
+use openraft::RaftNetworkV2;
+use openraft::alias::SnapshotOf;
+use openraft::alias::VoteOf;
+use openraft::errors::NetworkError;
+use openraft::errors::RPCError;
+use openraft::errors::ReplicationClosed;
+use openraft::errors::StreamingError;
+use openraft::errors::Unreachable;
+use openraft::network::Backoff;
+use openraft::network::RPCOption;
+use openraft::raft::AppendEntriesRequest;
+use openraft::raft::AppendEntriesResponse;
+use openraft::raft::SnapshotResponse;
+use openraft::raft::TransferLeaderRequest;
+use openraft::raft::TransferLeaderResponse;
+use openraft::raft::VoteRequest;
+use openraft::raft::VoteResponse;
+use redpacket_proto::raft::RaftReply;
+use redpacket_proto::raft::RaftRequest;
+use redpacket_proto::raft::SnapshotChunk;
+use redpacket_proto::raft::raft_transport_client::RaftTransportClient;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::Channel;
+use tonic::transport::Endpoint;
+
+use super::Node;
+use super::NodeId;
+use super::TypeConfig;
+use crate::storage::codec;
+use crate::storage::state_machine::SnapshotData;
+
+/// Size of one snapshot chunk on the wire.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+/// Largest Raft message accepted or sent (a batch of entries, a snapshot chunk).
+pub const MAX_RAFT_MESSAGE: usize = 64 << 20;
+
+/// One lazily connected gRPC channel per peer address, shared by all groups.
+#[derive(Default)]
+pub struct PeerChannels {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl PeerChannels {
+    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self.channels.lock().expect("peer channels lock");
+        if let Some(ch) = channels.get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        channels.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+}
+
+/// Creates connections for one group's Raft.
+pub struct GroupNetwork {
+    group: u32,
+    peers: Arc<PeerChannels>,
+}
+
+impl GroupNetwork {
+    pub fn new(group: u32, peers: Arc<PeerChannels>) -> Self {
+        GroupNetwork { group, peers }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerConnection {
+        let client = self
+            .peers
+            .channel(&node.addr)
+            .map(|ch| {
+                RaftTransportClient::new(ch)
+                    .max_decoding_message_size(MAX_RAFT_MESSAGE)
+                    .max_encoding_message_size(MAX_RAFT_MESSAGE)
+            })
+            .map_err(|e| e.to_string());
+        PeerConnection { group: self.group, target, client }
+    }
+}
+
+/// One group's connection to one peer node.
+pub struct PeerConnection {
+    group: u32,
+    target: NodeId,
+    client: Result<RaftTransportClient<Channel>, String>,
+}
+
+fn unreachable(msg: impl ToString) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::from_string(msg))
+}
+
+fn network(msg: impl ToString) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::from_string(msg))
+}
+
+/// A transport failure from tonic: refused connections are "unreachable" (openraft backs
+/// off), the rest are network errors (retried).
+fn from_status(target: NodeId, status: tonic::Status) -> RPCError<TypeConfig> {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            unreachable(format!("node {target}: {}", status.message()))
+        }
+        _ => network(format!("node {target}: {status}")),
+    }
+}
+
+fn from_reply<T: DeserializeOwned>(target: NodeId, reply: RaftReply) -> Result<T, RPCError<TypeConfig>> {
+    if !reply.error.is_empty() {
+        return Err(network(format!("node {target}: {}", reply.error)));
+    }
+    codec::decode(&reply.payload).map_err(|e| network(format!("node {target}: bad reply: {e}")))
+}
+
+impl PeerConnection {
+    fn client(&self) -> Result<RaftTransportClient<Channel>, RPCError<TypeConfig>> {
+        self.client.clone().map_err(|e| unreachable(format!("node {}: {e}", self.target)))
+    }
+
+    fn request<T: Serialize>(&self, body: &T, option: &RPCOption) -> Result<tonic::Request<RaftRequest>, RPCError<TypeConfig>> {
+        let payload = codec::encode(body).map_err(|e| network(format!("encode: {e}")))?;
+        let mut req = tonic::Request::new(RaftRequest { group: self.group, payload });
+        req.set_timeout(option.hard_ttl());
+        Ok(req)
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerConnection {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = self.request(&rpc, &option)?;
+        let reply = self.client()?.append_entries(req).await.map_err(|s| from_status(self.target, s))?;
+        from_reply(self.target, reply.into_inner())
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = self.request(&rpc, &option)?;
+        let reply = self.client()?.vote(req).await.map_err(|s| from_status(self.target, s))?;
+        from_reply(self.target, reply.into_inner())
+    }
+
+    async fn pre_vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = self.request(&rpc, &option)?;
+        let reply = self.client()?.pre_vote(req).await.map_err(|s| from_status(self.target, s))?;
+        from_reply(self.target, reply.into_inner())
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, SnapshotData>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let to_streaming = |e: RPCError<TypeConfig>| match e {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            other => StreamingError::Network(NetworkError::from_string(other)),
+        };
+        let mut client = self.client().map_err(to_streaming)?;
+        let header = codec::encode(&(&vote, &snapshot.meta)).map_err(|e| to_streaming(network(e)))?;
+        let group = self.group;
+        let data = snapshot.snapshot;
+        let chunks = {
+            let mut chunks = vec![SnapshotChunk { group, header, data: Vec::new() }];
+            chunks.extend(data.chunks(SNAPSHOT_CHUNK).map(|c| SnapshotChunk { group, header: Vec::new(), data: c.to_vec() }));
+            chunks
+        };
+        let target = self.target;
+        let send = async move {
+            let reply = client
+                .install_snapshot(tokio_stream::iter(chunks))
+                .await
+                .map_err(|s| to_streaming(from_status(target, s)))?;
+            from_reply::<SnapshotResponse<TypeConfig>>(target, reply.into_inner()).map_err(to_streaming)
+        };
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            result = send => result,
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = self.request(&req, &option)?;
+        let reply = self.client()?.transfer_leader(req).await.map_err(|s| from_status(self.target, s))?;
+        from_reply(self.target, reply.into_inner())
+    }
+
+    fn backoff(&self) -> Option<Backoff> {
+        Some(Backoff::new(std::iter::repeat(Duration::from_millis(200))))
+    }
+}

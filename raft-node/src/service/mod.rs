@@ -1,0 +1,35 @@
+//! The gRPC services a node serves: the public packet API, cluster administration, and the
+//! receiving side of the Raft transport. All share one [`NodeContext`].
+
+pub mod admin;
+pub mod convert;
+pub mod packets;
+pub mod status;
+pub mod transport;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::packet::Limits;
+use crate::raft::groups::Groups;
+use crate::raft::network::PeerChannels;
+use crate::storage::Store;
+
+/// Everything a request handler needs.
+pub struct NodeContext {
+    pub node_id: u64,
+    pub addr: String,
+    pub groups: Arc<Groups>,
+    pub store: Store,
+    pub peers: Arc<PeerChannels>,
+    pub limits: Limits,
+}
+
+/// How long a request waits for its group to elect a leader before answering UNAVAILABLE.
+pub const LEADER_WAIT: Duration = Duration::from_secs(3);
+
+/// Deadline of a request forwarded to a group leader.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Metadata marking a request already forwarded once, so it is never forwarded again.
+pub const FORWARDED_HEADER: &str = "redpacket-forwarded";

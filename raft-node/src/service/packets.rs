@@ -1,0 +1,272 @@
+//! The public packet API (`redpacket.v1.RedPacket`).
+//!
+//! Any node accepts any request. The node finds the packet's group; if it leads that group
+//! it stamps the command with its clock (and, for a create, a fresh seed) and proposes it,
+//! otherwise it forwards the request once to the group's leader. A request that arrives
+//! forwarded at a node that is no longer the leader gets UNAVAILABLE, and the client crate
+//! retries; every operation is idempotent, so retrying is always safe.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ReadPolicy;
+use openraft::errors::ClientWriteError;
+use openraft::errors::LinearizableReadError;
+use openraft::errors::RaftError;
+use redpacket_proto::v1 as pb;
+use redpacket_proto::v1::red_packet_client::RedPacketClient;
+use redpacket_proto::v1::red_packet_server::RedPacket;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+use tonic::transport::Channel;
+
+use super::FORWARD_TIMEOUT;
+use super::FORWARDED_HEADER;
+use super::LEADER_WAIT;
+use super::NodeContext;
+use super::convert;
+use super::status;
+use crate::packet::Millis;
+use crate::packet::NewPacket;
+use crate::packet::PacketId;
+use crate::packet::validate;
+use crate::raft::Command;
+use crate::raft::Raft;
+use crate::raft::Reply;
+
+/// How long a proposal may wait to be committed and applied before the client is told to
+/// retry (the outcome is then unknown, and the retry finds it).
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(8);
+
+pub struct PacketService {
+    ctx: Arc<NodeContext>,
+}
+
+/// Where a request is served.
+enum Route<'a> {
+    /// This node leads the group.
+    Here(&'a Raft),
+    /// Forward to the leader at this address.
+    Leader(String),
+}
+
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
+}
+
+fn is_forwarded<T>(req: &Request<T>) -> bool {
+    req.metadata().contains_key(FORWARDED_HEADER)
+}
+
+fn forward_request<T>(body: T) -> Request<T> {
+    let mut req = Request::new(body);
+    req.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    req.set_timeout(FORWARD_TIMEOUT);
+    req
+}
+
+fn parse_packet_id(s: &str) -> Result<PacketId, Status> {
+    PacketId::parse(s).map_err(|e| status::refused(&e))
+}
+
+fn check_user(field: &str, user: &str) -> Result<(), Status> {
+    validate::user_id(field, user).map_err(|e| status::refused(&e))
+}
+
+impl PacketService {
+    pub fn new(ctx: Arc<NodeContext>) -> Self {
+        PacketService { ctx }
+    }
+
+    fn client(&self, addr: &str) -> Result<RedPacketClient<Channel>, Status> {
+        let ch = self.ctx.peers.channel(addr).map_err(|e| status::unavailable(format!("leader at {addr}: {e}")))?;
+        Ok(RedPacketClient::new(ch))
+    }
+
+    /// Decides where a request for `group` is served.
+    async fn route(&self, group: u32, forwarded: bool) -> Result<Route<'_>, Status> {
+        let raft = self.ctx.groups.get(group).ok_or_else(|| status::internal(format!("no group {group} on this node")))?;
+        let Some((leader, node)) = self.ctx.groups.leader(group, LEADER_WAIT).await else {
+            return Err(status::unavailable(format!("group {group} has no leader yet; retry")));
+        };
+        if leader == self.ctx.node_id {
+            return Ok(Route::Here(raft));
+        }
+        if forwarded {
+            return Err(status::unavailable(format!(
+                "node {} is not the leader of group {group} (node {leader} at {} is); retry",
+                self.ctx.node_id, node.addr
+            )));
+        }
+        Ok(Route::Leader(node.addr))
+    }
+
+    /// Proposes a command built by `make` (called once, just before proposing, so the time it
+    /// stamps is the leader's) and returns what applying it replied, or the leader to forward to.
+    async fn propose(&self, group: u32, forwarded: bool, make: impl FnOnce() -> Command) -> Result<Result<Reply, String>, Status> {
+        let raft = match self.route(group, forwarded).await? {
+            Route::Here(raft) => raft,
+            Route::Leader(addr) => return Ok(Err(addr)),
+        };
+        let command = make();
+        tracing::debug!(group, packet_id = %command.packet_id(), %command, "propose");
+        match tokio::time::timeout(PROPOSE_TIMEOUT, raft.client_write(command)).await {
+            Err(_) => Err(status::unavailable(format!("group {group}: not committed within {PROPOSE_TIMEOUT:?}; retry"))),
+            Ok(Ok(resp)) => Ok(Ok(resp.data)),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => match (forwarded, f.leader_node) {
+                (false, Some(node)) => Ok(Err(node.addr)),
+                _ => Err(status::unavailable(format!("group {group}: leadership changed; retry"))),
+            },
+            Ok(Err(e)) => Err(status::unavailable(format!("group {group}: {e}; retry"))),
+        }
+    }
+
+    /// Waits until this node, as leader of `group`, may serve a linearizable read.
+    async fn read_barrier(&self, group: u32, forwarded: bool) -> Result<Option<String>, Status> {
+        let raft = match self.route(group, forwarded).await? {
+            Route::Here(raft) => raft,
+            Route::Leader(addr) => return Ok(Some(addr)),
+        };
+        match tokio::time::timeout(PROPOSE_TIMEOUT, raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+            Err(_) => Err(status::unavailable(format!("group {group}: read not confirmed in time; retry"))),
+            Ok(Ok(_)) => Ok(None),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => match (forwarded, f.leader_node) {
+                (false, Some(node)) => Ok(Some(node.addr)),
+                _ => Err(status::unavailable(format!("group {group}: leadership changed; retry"))),
+            },
+            Ok(Err(e)) => Err(status::unavailable(format!("group {group}: {e}; retry"))),
+        }
+    }
+
+    fn read_packet(&self, group: u32, id: &PacketId) -> Result<pb::Packet, Status> {
+        let reader = self.ctx.store.reader(group);
+        let packet = reader
+            .packet(id)
+            .map_err(status::internal)?
+            .ok_or_else(|| status::refused(&crate::packet::PacketError::NotFound(id.to_string())))?;
+        let claims = reader.claims(id).map_err(status::internal)?;
+        Ok(convert::packet_to_pb(&packet, &claims, group))
+    }
+}
+
+fn grab_reply(reply: Reply) -> Result<pb::GrabResponse, Status> {
+    match reply {
+        Reply::Grabbed { claim, shares_left } => Ok(pb::GrabResponse {
+            packet_id: String::new(),
+            share_index: claim.share_index,
+            shares_left,
+        }),
+        Reply::Refused(e) => Err(status::refused(&e)),
+        other => Err(status::internal(format!("unexpected reply to grab: {other:?}"))),
+    }
+}
+
+fn open_reply(packet_id: &PacketId, reply: Reply) -> Result<pb::OpenResponse, Status> {
+    match reply {
+        Reply::Opened { claim } => Ok(pb::OpenResponse {
+            packet_id: packet_id.to_string(),
+            share_index: claim.share_index,
+            amount_cents: claim.amount,
+        }),
+        Reply::Refused(e) => Err(status::refused(&e)),
+        other => Err(status::internal(format!("unexpected reply to open: {other:?}"))),
+    }
+}
+
+#[tonic::async_trait]
+impl RedPacket for PacketService {
+    async fn create_packet(&self, request: Request<pb::CreatePacketRequest>) -> Result<Response<pb::CreatePacketResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let body = request.into_inner();
+        let create = convert::create_from_pb(body.clone())?
+            .validate(&self.ctx.limits)
+            .map_err(|e| status::refused(&e))?;
+        let now = now_millis();
+        // The group depends only on the sender and request id, so every node (and a retry
+        // on another day) picks the same one.
+        let group = PacketId::derive(&create.sender, &create.request_id, now).group(self.ctx.groups.count());
+        let make = || {
+            let now = now_millis();
+            Command::Create(NewPacket {
+                packet_id: PacketId::derive(&create.sender, &create.request_id, now),
+                request_id: create.request_id.clone(),
+                sender: create.sender.clone(),
+                total: create.total,
+                shares: create.shares,
+                kind: create.kind,
+                recipients: create.recipients.clone(),
+                message: create.message.clone(),
+                created_at: now,
+                expires_at: now.saturating_add(create.ttl_seconds.saturating_mul(1000)),
+                seed: rand::random(),
+            })
+        };
+        match self.propose(group, forwarded, make).await? {
+            Ok(Reply::Created(packet)) => Ok(Response::new(pb::CreatePacketResponse {
+                packet: Some(convert::packet_to_pb(&packet, &[], group)),
+            })),
+            Ok(Reply::Refused(e)) => Err(status::refused(&e)),
+            Ok(other) => Err(status::internal(format!("unexpected reply to create: {other:?}"))),
+            Err(addr) => self.client(&addr)?.create_packet(forward_request(body)).await,
+        }
+    }
+
+    async fn grab(&self, request: Request<pb::GrabRequest>) -> Result<Response<pb::GrabResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let body = request.into_inner();
+        let packet_id = parse_packet_id(&body.packet_id)?;
+        check_user("user", &body.user)?;
+        let group = packet_id.group(self.ctx.groups.count());
+        let make = || Command::Grab { packet_id: packet_id.clone(), user: body.user.clone(), at: now_millis(), open: false };
+        match self.propose(group, forwarded, make).await? {
+            Ok(reply) => {
+                let mut resp = grab_reply(reply)?;
+                resp.packet_id = packet_id.to_string();
+                Ok(Response::new(resp))
+            }
+            Err(addr) => self.client(&addr)?.grab(forward_request(body)).await,
+        }
+    }
+
+    async fn open(&self, request: Request<pb::OpenRequest>) -> Result<Response<pb::OpenResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let body = request.into_inner();
+        let packet_id = parse_packet_id(&body.packet_id)?;
+        check_user("user", &body.user)?;
+        let group = packet_id.group(self.ctx.groups.count());
+        let make = || Command::Open { packet_id: packet_id.clone(), user: body.user.clone(), at: now_millis() };
+        match self.propose(group, forwarded, make).await? {
+            Ok(reply) => Ok(Response::new(open_reply(&packet_id, reply)?)),
+            Err(addr) => self.client(&addr)?.open(forward_request(body)).await,
+        }
+    }
+
+    async fn grab_and_open(&self, request: Request<pb::GrabRequest>) -> Result<Response<pb::OpenResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let body = request.into_inner();
+        let packet_id = parse_packet_id(&body.packet_id)?;
+        check_user("user", &body.user)?;
+        let group = packet_id.group(self.ctx.groups.count());
+        let make = || Command::Grab { packet_id: packet_id.clone(), user: body.user.clone(), at: now_millis(), open: true };
+        match self.propose(group, forwarded, make).await? {
+            Ok(reply) => Ok(Response::new(open_reply(&packet_id, reply)?)),
+            Err(addr) => self.client(&addr)?.grab_and_open(forward_request(body)).await,
+        }
+    }
+
+    async fn get_packet(&self, request: Request<pb::GetPacketRequest>) -> Result<Response<pb::Packet>, Status> {
+        let forwarded = is_forwarded(&request);
+        let body = request.into_inner();
+        let packet_id = parse_packet_id(&body.packet_id)?;
+        let group = packet_id.group(self.ctx.groups.count());
+        let consistency = pb::ReadConsistency::try_from(body.consistency)
+            .map_err(|_| status::invalid("consistency", "must be LINEARIZABLE or LOCAL"))?;
+        if consistency == pb::ReadConsistency::Linearizable {
+            if let Some(addr) = self.read_barrier(group, forwarded).await? {
+                return self.client(&addr)?.get_packet(forward_request(body)).await;
+            }
+        }
+        Ok(Response::new(self.read_packet(group, &packet_id)?))
+    }
+}

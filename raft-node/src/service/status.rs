@@ -1,0 +1,40 @@
+//! How failures become gRPC statuses: refusals of the packet rules keep their meaning
+//! (with the `redpacket-reason` trailer for programs), Raft conditions become UNAVAILABLE so
+//! clients retry, and storage failures are INTERNAL.
+
+use redpacket_proto::REASON_METADATA_KEY;
+use redpacket_proto::v1::Reason;
+use tonic::Code;
+use tonic::Status;
+
+use crate::packet::PacketError;
+
+pub fn refused(err: &PacketError) -> Status {
+    let (code, reason) = match err {
+        PacketError::Invalid { .. } => (Code::InvalidArgument, Reason::InvalidInput),
+        PacketError::NotFound(_) => (Code::NotFound, Reason::PacketNotFound),
+        PacketError::SoldOut(_) => (Code::FailedPrecondition, Reason::SoldOut),
+        PacketError::Expired(_) => (Code::FailedPrecondition, Reason::Expired),
+        PacketError::NotGrabbed { .. } => (Code::FailedPrecondition, Reason::NotGrabbed),
+        PacketError::NotARecipient { .. } => (Code::PermissionDenied, Reason::NotARecipient),
+        PacketError::DuplicateId(_) => (Code::AlreadyExists, Reason::DuplicateId),
+    };
+    let mut status = Status::new(code, err.to_string());
+    if let Ok(v) = reason.as_str_name().parse() {
+        status.metadata_mut().insert(REASON_METADATA_KEY, v);
+    }
+    status
+}
+
+pub fn invalid(field: &str, reason: impl Into<String>) -> Status {
+    refused(&PacketError::invalid(field, reason))
+}
+
+pub fn unavailable(msg: impl std::fmt::Display) -> Status {
+    Status::unavailable(msg.to_string())
+}
+
+pub fn internal(msg: impl std::fmt::Display) -> Status {
+    tracing::error!("internal error: {msg}");
+    Status::internal(msg.to_string())
+}

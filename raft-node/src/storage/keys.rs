@@ -1,0 +1,117 @@
+//! The key layout of a node's one RocksDB instance.
+//!
+//! Every group's data lives in the same database, separated by a 4-byte big-endian group
+//! prefix, so one WAL (and one fsync) serves all groups. Column families:
+//!
+//! | family     | key                                              | value                      |
+//! |------------|--------------------------------------------------|----------------------------|
+//! | `log`      | group · index (u64 BE)                           | Raft log entry             |
+//! | `raft`     | group · `v` / `p` / `c`                          | vote / last purged / committed |
+//! | `sm_meta`  | group                                            | last applied + membership  |
+//! | `sm`       | group · `P` · packet id                          | packet                     |
+//! | `sm`       | group · `C` · packet id · user                   | claim (a user's share)     |
+//! | `sm`       | group · `R` · sender · 0x00 · request id         | packet id (create dedup)   |
+//! | `node`     | `node_id` / `groups`                             | this node's identity       |
+//!
+//! Big-endian integers keep keys in numeric order, so a group's log is one contiguous range
+//! and `delete_range` purges or truncates it in one call. Packet ids have a fixed length, so
+//! the user part of a claim key needs no separator.
+
+use crate::packet::PacketId;
+
+pub const CF_LOG: &str = "log";
+pub const CF_RAFT: &str = "raft";
+pub const CF_SM_META: &str = "sm_meta";
+pub const CF_SM: &str = "sm";
+pub const CF_NODE: &str = "node";
+pub const ALL_CFS: [&str; 5] = [CF_LOG, CF_RAFT, CF_SM_META, CF_SM, CF_NODE];
+
+pub const RAFT_VOTE: u8 = b'v';
+pub const RAFT_PURGED: u8 = b'p';
+pub const RAFT_COMMITTED: u8 = b'c';
+
+const TAG_PACKET: u8 = b'P';
+const TAG_CLAIM: u8 = b'C';
+const TAG_REQUEST: u8 = b'R';
+
+pub const NODE_ID: &[u8] = b"node_id";
+pub const NODE_GROUPS: &[u8] = b"groups";
+
+pub fn group_prefix(group: u32) -> [u8; 4] {
+    group.to_be_bytes()
+}
+
+/// The first key after every key of `group`: the end of its range.
+pub fn group_end(group: u32) -> Vec<u8> {
+    match group.checked_add(1) {
+        Some(next) => next.to_be_bytes().to_vec(),
+        None => vec![0xff; 5],
+    }
+}
+
+pub fn log(group: u32, index: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&group.to_be_bytes());
+    k[4..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+pub fn log_index(key: &[u8]) -> u64 {
+    u64::from_be_bytes(key[4..12].try_into().expect("log keys are 12 bytes"))
+}
+
+pub fn raft(group: u32, tag: u8) -> [u8; 5] {
+    let mut k = [0u8; 5];
+    k[..4].copy_from_slice(&group.to_be_bytes());
+    k[4] = tag;
+    k
+}
+
+fn with_tag(group: u32, tag: u8, rest: &[&[u8]]) -> Vec<u8> {
+    let len = 5 + rest.iter().map(|r| r.len()).sum::<usize>();
+    let mut k = Vec::with_capacity(len);
+    k.extend_from_slice(&group.to_be_bytes());
+    k.push(tag);
+    for r in rest {
+        k.extend_from_slice(r);
+    }
+    k
+}
+
+pub fn packet(group: u32, id: &PacketId) -> Vec<u8> {
+    with_tag(group, TAG_PACKET, &[id.as_str().as_bytes()])
+}
+
+pub fn claim(group: u32, id: &PacketId, user: &str) -> Vec<u8> {
+    with_tag(group, TAG_CLAIM, &[id.as_str().as_bytes(), user.as_bytes()])
+}
+
+/// Prefix of every claim of one packet.
+pub fn claims_of(group: u32, id: &PacketId) -> Vec<u8> {
+    with_tag(group, TAG_CLAIM, &[id.as_str().as_bytes()])
+}
+
+pub fn request(group: u32, sender: &str, request_id: &str) -> Vec<u8> {
+    with_tag(group, TAG_REQUEST, &[sender.as_bytes(), &[0], request_id.as_bytes()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_keys_sort_numerically_within_a_group_and_groups_do_not_mix() {
+        assert!(log(1, 9) < log(1, 10));
+        assert!(log(1, u64::MAX) < log(2, 0));
+        assert!(log(1, u64::MAX).as_slice() < group_end(1).as_slice());
+        assert_eq!(log_index(&log(7, 12345)), 12345);
+    }
+
+    #[test]
+    fn claim_keys_of_a_packet_share_its_prefix_only() {
+        let a = PacketId::parse("20261123000000000000000000000001").unwrap();
+        let b = PacketId::parse("20261123000000000000000000000002").unwrap();
+        assert!(claim(3, &a, "zed").starts_with(&claims_of(3, &a)));
+        assert!(!claim(3, &b, "zed").starts_with(&claims_of(3, &a)));
+    }
+}

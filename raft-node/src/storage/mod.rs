@@ -1,0 +1,167 @@
+//! Durable storage of a node: one RocksDB instance holding every group's Raft log, vote and
+//! state machine (see [`keys`] for the layout), plus snapshot files.
+
+pub mod apply;
+pub mod codec;
+pub mod keys;
+pub mod log_store;
+pub mod state_machine;
+pub mod wal_sync;
+
+use std::io;
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rocksdb::ColumnFamilyDescriptor;
+use rocksdb::DB;
+use rocksdb::Options;
+use rocksdb::ReadOptions;
+
+pub use self::log_store::GroupLogStore;
+pub use self::state_machine::AppliedState;
+pub use self::state_machine::GroupStateMachine;
+use self::wal_sync::WalSyncer;
+use crate::packet::Claim;
+use crate::packet::Packet;
+use crate::packet::PacketId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb at {path}: {source}")]
+    Open { path: PathBuf, source: rocksdb::Error },
+    #[error("data directory {path} belongs to node {stored}, but this node is configured as {configured}")]
+    WrongNode { path: PathBuf, stored: u64, configured: u64 },
+    #[error(
+        "data directory {path} was created with {stored} groups, but the configuration says {configured}; the group count is fixed when a cluster is created"
+    )]
+    WrongGroups { path: PathBuf, stored: u32, configured: u32 },
+    #[error("storage: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A node's open database.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+    wal: WalSyncer,
+    snapshot_dir: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) the database under `dir`, checking that it belongs to this node
+    /// and has the configured number of groups.
+    pub fn open(dir: &Path, node_id: u64, groups: u32) -> Result<Store, StoreError> {
+        let db_path = dir.join("db");
+        let snapshot_dir = dir.join("snapshots");
+        std::fs::create_dir_all(&snapshot_dir)?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_bottommost_compression_type(rocksdb::DBCompressionType::Zstd);
+        opts.increase_parallelism(2);
+        let cfs = keys::ALL_CFS.iter().map(|name| {
+            let mut cf_opts = Options::default();
+            cf_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            if *name == keys::CF_SM {
+                // Point lookups of claims that do not exist yet (every first grab) skip disk.
+                let mut block = rocksdb::BlockBasedOptions::default();
+                block.set_bloom_filter(10.0, false);
+                cf_opts.set_block_based_table_factory(&block);
+            }
+            ColumnFamilyDescriptor::new(*name, cf_opts)
+        });
+        let db = DB::open_cf_descriptors(&opts, &db_path, cfs)
+            .map_err(|source| StoreError::Open { path: db_path.clone(), source })?;
+        let db = Arc::new(db);
+        let store = Store { wal: WalSyncer::start(db.clone()), db, snapshot_dir };
+        store.check_identity(&db_path, node_id, groups)?;
+        Ok(store)
+    }
+
+    fn check_identity(&self, path: &Path, node_id: u64, groups: u32) -> Result<(), StoreError> {
+        let cf = self.db.cf_handle(keys::CF_NODE).expect("cf node");
+        let read_u64 = |key: &[u8]| -> Result<Option<u64>, StoreError> {
+            let v = self.db.get_cf(cf, key).map_err(io::Error::other)?;
+            Ok(v.map(|b| u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0; 8]))))
+        };
+        match read_u64(keys::NODE_ID)? {
+            Some(stored) if stored != node_id => {
+                return Err(StoreError::WrongNode { path: path.into(), stored, configured: node_id });
+            }
+            Some(_) => {}
+            None => self.db.put_cf(cf, keys::NODE_ID, node_id.to_be_bytes()).map_err(io::Error::other)?,
+        }
+        match read_u64(keys::NODE_GROUPS)? {
+            Some(stored) if stored != u64::from(groups) => {
+                return Err(StoreError::WrongGroups { path: path.into(), stored: stored as u32, configured: groups });
+            }
+            Some(_) => {}
+            None => self.db.put_cf(cf, keys::NODE_GROUPS, u64::from(groups).to_be_bytes()).map_err(io::Error::other)?,
+        }
+        self.db.flush_wal(true).map_err(io::Error::other)?;
+        Ok(())
+    }
+
+    pub fn log_store(&self, group: u32) -> GroupLogStore {
+        GroupLogStore::new(self.db.clone(), group, self.wal.clone())
+    }
+
+    pub fn state_machine(&self, group: u32) -> GroupStateMachine {
+        GroupStateMachine::new(self.db.clone(), group, self.snapshot_dir.clone())
+    }
+
+    /// Reads of one group's applied state.
+    pub fn reader(&self, group: u32) -> StateReader<'_> {
+        StateReader { db: &self.db, group }
+    }
+
+    pub fn db(&self) -> &Arc<DB> {
+        &self.db
+    }
+}
+
+/// Read access to one group's applied packet state.
+pub struct StateReader<'a> {
+    db: &'a DB,
+    group: u32,
+}
+
+impl StateReader<'_> {
+    pub fn packet(&self, id: &PacketId) -> io::Result<Option<Packet>> {
+        let cf = self.db.cf_handle(keys::CF_SM).expect("cf sm");
+        match self.db.get_cf(cf, keys::packet(self.group, id)).map_err(io::Error::other)? {
+            Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every claim on the packet, in share order.
+    pub fn claims(&self, id: &PacketId) -> io::Result<Vec<Claim>> {
+        let cf = self.db.cf_handle(keys::CF_SM).expect("cf sm");
+        let prefix = keys::claims_of(self.group, id);
+        let mut upper = prefix.clone();
+        upper.push(0xff);
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(upper);
+        let mut claims = Vec::new();
+        for item in self.db.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward)) {
+            let (k, v) = item.map_err(io::Error::other)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            claims.push(codec::decode::<Claim>(&v)?);
+        }
+        claims.sort_by_key(|c| c.share_index);
+        Ok(claims)
+    }
+
+    pub fn applied(&self) -> io::Result<AppliedState> {
+        let cf = self.db.cf_handle(keys::CF_SM_META).expect("cf sm_meta");
+        match self.db.get_cf(cf, keys::group_prefix(self.group)).map_err(io::Error::other)? {
+            Some(b) => codec::decode(&b),
+            None => Ok(AppliedState::default()),
+        }
+    }
+}
