@@ -1,1 +1,302 @@
+//! The redpacket client library: connect to any nodes of a cluster and send, grab and open
+//! red packets.
+//!
+//! Any node serves any request (it forwards to the packet's group leader), so the client
+//! needs no routing table. When a node is down, or a group is between leaders, a call fails
+//! with UNAVAILABLE; the client then tries the next endpoint with backoff until its deadline.
+//! Every call is idempotent (creates carry a request id, a repeated grab or open returns the
+//! first outcome), so retrying never takes a second share or creates a second packet.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), redpacket_client::Error> {
+//! use redpacket_client::{Client, NewPacket, Recipients};
+//! let client = Client::connect(["127.0.0.1:7001", "127.0.0.1:7002"])?;
+//! let packet = client.create_packet(NewPacket::lucky("alice", 1000, 5, Recipients::Anyone)).await?;
+//! let share = client.grab_and_open(&packet.packet_id, "bob").await?;
+//! println!("bob got {} cents", share.amount_cents);
+//! # Ok(()) }
+//! ```
 
+mod error;
+pub mod money;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+pub use error::Error;
+pub use error::is_retryable;
+use redpacket_proto::v1 as pb;
+use redpacket_proto::v1::cluster_admin_client::ClusterAdminClient;
+use redpacket_proto::v1::red_packet_client::RedPacketClient;
+pub use redpacket_proto::v1::NodeStatus;
+pub use redpacket_proto::v1::Packet;
+pub use redpacket_proto::v1::ReadConsistency;
+use tokio::time::Instant;
+use tonic::Status;
+use tonic::transport::Channel;
+use tonic::transport::Endpoint;
+
+/// How long and how often a call is retried.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Give up (with [`Error::Unavailable`]) after this long.
+    pub deadline: Duration,
+    /// Deadline of one attempt.
+    pub attempt_timeout: Duration,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            deadline: Duration::from_secs(30),
+            attempt_timeout: Duration::from_secs(10),
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Who may grab a packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recipients {
+    /// One user: an exclusive packet with one share.
+    User(String),
+    /// Only these group members.
+    Group(Vec<String>),
+    /// Anyone with the packet id.
+    Anyone,
+}
+
+/// A packet to send.
+#[derive(Debug, Clone)]
+pub struct NewPacket {
+    /// Makes the create idempotent: retries with the same id return the same packet. Filled
+    /// with a random id when empty.
+    pub request_id: String,
+    pub sender: String,
+    pub total_cents: u64,
+    pub shares: u32,
+    pub equal: bool,
+    pub recipients: Recipients,
+    pub message: String,
+    /// Time to live; `None` for the server's default.
+    pub expires_in: Option<Duration>,
+}
+
+impl NewPacket {
+    /// A lucky (random shares) packet.
+    pub fn lucky(sender: &str, total_cents: u64, shares: u32, recipients: Recipients) -> Self {
+        NewPacket {
+            request_id: String::new(),
+            sender: sender.to_string(),
+            total_cents,
+            shares,
+            equal: false,
+            recipients,
+            message: String::new(),
+            expires_in: None,
+        }
+    }
+
+    /// A packet of equal shares.
+    pub fn equal(sender: &str, total_cents: u64, shares: u32, recipients: Recipients) -> Self {
+        NewPacket { equal: true, ..Self::lucky(sender, total_cents, shares, recipients) }
+    }
+
+    fn to_pb(&self) -> pb::CreatePacketRequest {
+        let to = match &self.recipients {
+            Recipients::User(u) => pb::recipients::To::User(u.clone()),
+            Recipients::Group(m) => pb::recipients::To::Group(pb::GroupMembers { members: m.clone() }),
+            Recipients::Anyone => pb::recipients::To::Anyone(true),
+        };
+        pb::CreatePacketRequest {
+            request_id: self.request_id.clone(),
+            sender: self.sender.clone(),
+            total_cents: self.total_cents,
+            shares: self.shares,
+            kind: if self.equal { pb::PacketKind::Equal } else { pb::PacketKind::Lucky } as i32,
+            recipients: Some(pb::Recipients { to: Some(to) }),
+            message: self.message.clone(),
+            expires_in_seconds: self.expires_in.map(|d| d.as_secs().max(1)).unwrap_or(0),
+        }
+    }
+}
+
+/// A grabbed share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grabbed {
+    pub share_index: u32,
+    pub shares_left: u32,
+}
+
+/// An opened share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    pub share_index: u32,
+    pub amount_cents: u64,
+}
+
+/// A connection to a redpacket cluster. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct Client {
+    endpoints: Arc<Vec<(String, Channel)>>,
+    /// Index of the endpoint that answered last; calls start there.
+    current: Arc<AtomicUsize>,
+    policy: RetryPolicy,
+}
+
+impl Client {
+    /// Connects (lazily) to the given `host:port` endpoints.
+    pub fn connect<I, S>(endpoints: I) -> Result<Client, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut list = Vec::new();
+        for e in endpoints {
+            let addr = e.as_ref().trim().to_string();
+            let uri = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
+            let channel = Endpoint::from_shared(uri)
+                .map_err(|_| Error::Endpoint(addr.clone()))?
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .connect_lazy();
+            list.push((addr, channel));
+        }
+        if list.is_empty() {
+            return Err(Error::Endpoint("no endpoints given".into()));
+        }
+        Ok(Client { endpoints: Arc::new(list), current: Arc::new(AtomicUsize::new(0)), policy: RetryPolicy::default() })
+    }
+
+    pub fn with_retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    pub fn endpoints(&self) -> impl Iterator<Item = &str> {
+        self.endpoints.iter().map(|(a, _)| a.as_str())
+    }
+
+    /// Runs `call` against the endpoints, retrying retryable failures on the next endpoint
+    /// with exponential backoff until the policy's deadline.
+    async fn retry<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let start = Instant::now();
+        let mut backoff = self.policy.initial_backoff;
+        let mut index = self.current.load(Ordering::Relaxed);
+        loop {
+            let (addr, channel) = &self.endpoints[index % self.endpoints.len()];
+            let last = match tokio::time::timeout(self.policy.attempt_timeout, call(channel.clone())).await {
+                Ok(Ok(resp)) => {
+                    self.current.store(index % self.endpoints.len(), Ordering::Relaxed);
+                    return Ok(resp.into_inner());
+                }
+                Ok(Err(status)) if !is_retryable(&status) => return Err(Error::from_status(status)),
+                Ok(Err(status)) => status,
+                Err(_) => Status::deadline_exceeded(format!("{addr}: no answer within {:?}", self.policy.attempt_timeout)),
+            };
+            tracing::debug!(endpoint = %addr, "retrying after: {last}");
+            if start.elapsed() + backoff > self.policy.deadline {
+                return Err(Error::Unavailable { elapsed_ms: start.elapsed().as_millis() as u64, last });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.policy.max_backoff);
+            index += 1;
+        }
+    }
+
+    /// Sends a packet; returns it as created. Retrying with the same `request_id` returns
+    /// the same packet.
+    pub async fn create_packet(&self, packet: NewPacket) -> Result<Packet, Error> {
+        let mut req = packet.to_pb();
+        if req.request_id.is_empty() {
+            req.request_id = format!("{:032x}", rand::random::<u128>());
+        }
+        let resp = self.retry(|ch| {
+            let req = req.clone();
+            async move { RedPacketClient::new(ch).create_packet(req).await }
+        }).await?;
+        resp.packet.ok_or_else(|| Error::Status(Status::internal("create returned no packet")))
+    }
+
+    /// Takes a share for `user`. Repeating it returns the same share.
+    pub async fn grab(&self, packet_id: &str, user: &str) -> Result<Grabbed, Error> {
+        let req = pb::GrabRequest { packet_id: packet_id.to_string(), user: user.to_string() };
+        let r = self.retry(|ch| {
+            let req = req.clone();
+            async move { RedPacketClient::new(ch).grab(req).await }
+        }).await?;
+        Ok(Grabbed { share_index: r.share_index, shares_left: r.shares_left })
+    }
+
+    /// Opens the share `user` grabbed, revealing its amount. Repeating it returns the same.
+    pub async fn open(&self, packet_id: &str, user: &str) -> Result<Opened, Error> {
+        let req = pb::OpenRequest { packet_id: packet_id.to_string(), user: user.to_string() };
+        let r = self.retry(|ch| {
+            let req = req.clone();
+            async move { RedPacketClient::new(ch).open(req).await }
+        }).await?;
+        Ok(Opened { share_index: r.share_index, amount_cents: r.amount_cents })
+    }
+
+    /// Grab and open in one round trip.
+    pub async fn grab_and_open(&self, packet_id: &str, user: &str) -> Result<Opened, Error> {
+        let req = pb::GrabRequest { packet_id: packet_id.to_string(), user: user.to_string() };
+        let r = self.retry(|ch| {
+            let req = req.clone();
+            async move { RedPacketClient::new(ch).grab_and_open(req).await }
+        }).await?;
+        Ok(Opened { share_index: r.share_index, amount_cents: r.amount_cents })
+    }
+
+    /// The packet and its claims, read linearizably through the group leader.
+    pub async fn get_packet(&self, packet_id: &str) -> Result<Packet, Error> {
+        self.get_packet_with(packet_id, ReadConsistency::Linearizable).await
+    }
+
+    /// The packet read with the given consistency. `Local` reads the answering node's own
+    /// replica, which may lag: meant for operators and tests comparing replicas.
+    pub async fn get_packet_with(&self, packet_id: &str, consistency: ReadConsistency) -> Result<Packet, Error> {
+        let req = pb::GetPacketRequest { packet_id: packet_id.to_string(), consistency: consistency as i32 };
+        self.retry(|ch| {
+            let req = req.clone();
+            async move { RedPacketClient::new(ch).get_packet(req).await }
+        }).await
+    }
+
+    /// Bootstraps a new cluster whose members are `(node id, address)` pairs.
+    pub async fn init_cluster(&self, members: &[(u64, String)]) -> Result<u32, Error> {
+        let req = pb::InitRequest {
+            members: members.iter().map(|(id, addr)| pb::Member { node_id: *id, addr: addr.clone() }).collect(),
+        };
+        Ok(self.retry(|ch| {
+            let req = req.clone();
+            async move { ClusterAdminClient::new(ch).init(req).await }
+        }).await?.groups)
+    }
+
+    /// The status of every endpoint: `Err` for a node that did not answer (down).
+    pub async fn cluster_status(&self) -> Vec<(String, Result<NodeStatus, Error>)> {
+        let mut out = Vec::new();
+        for (addr, channel) in self.endpoints.iter() {
+            let mut req = tonic::Request::new(pb::StatusRequest {});
+            req.set_timeout(Duration::from_secs(2));
+            let result = ClusterAdminClient::new(channel.clone())
+                .status(req)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(Error::from_status);
+            out.push((addr.clone(), result));
+        }
+        out
+    }
+}

@@ -1,1 +1,228 @@
-fn main(){}
+//! `redpacket`: the command-line client. Amounts are shown and typed as yuan ("12.34").
+
+use std::time::Duration;
+
+use anyhow::Context;
+use anyhow::bail;
+use clap::Parser;
+use clap::Subcommand;
+use redpacket_client::Client;
+use redpacket_client::NewPacket;
+use redpacket_client::Packet;
+use redpacket_client::ReadConsistency;
+use redpacket_client::Recipients;
+use redpacket_client::money::format_yuan;
+use redpacket_client::money::parse_yuan;
+
+#[derive(Parser)]
+#[command(name = "redpacket", version, about = "Send, grab and open red packets; administer a redpacket cluster")]
+struct Cli {
+    /// Comma-separated node addresses; any node serves any request.
+    #[arg(long, env = "REDPACKET_ENDPOINTS", default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003", global = true)]
+    endpoints: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Send a red packet.
+    Send {
+        #[arg(long)]
+        from: String,
+        /// Total in yuan, e.g. 12.34.
+        #[arg(long)]
+        total: String,
+        #[arg(long, default_value_t = 1)]
+        shares: u32,
+        /// Equal shares instead of lucky (random) ones.
+        #[arg(long)]
+        equal: bool,
+        /// An exclusive packet for one user.
+        #[arg(long, conflicts_with_all = ["group", "anyone"])]
+        to: Option<String>,
+        /// Comma-separated group members who may grab.
+        #[arg(long, conflicts_with = "anyone")]
+        group: Option<String>,
+        /// Anyone with the packet id may grab.
+        #[arg(long)]
+        anyone: bool,
+        #[arg(long, default_value = "")]
+        message: String,
+        /// Time to live in seconds (default: the server's, 24 h).
+        #[arg(long)]
+        expires_in: Option<u64>,
+        /// Idempotency key: repeating a send with the same id returns the same packet.
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Grab a share of a packet.
+    Grab {
+        #[arg(long)]
+        packet: String,
+        #[arg(long)]
+        user: String,
+        /// Also open it (one round trip).
+        #[arg(long)]
+        open: bool,
+    },
+    /// Open the share you grabbed.
+    Open {
+        #[arg(long)]
+        packet: String,
+        #[arg(long)]
+        user: String,
+    },
+    /// Show a packet and its claims.
+    Show {
+        #[arg(long)]
+        packet: String,
+        /// Read the first endpoint's own replica instead of going through the leader.
+        #[arg(long)]
+        local: bool,
+    },
+    /// Cluster administration.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Bootstrap a new cluster from the nodes at --endpoints (each must be running).
+    Init,
+    /// Every node's view of every group: role, term, leader, log and applied indexes.
+    Status,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let endpoints: Vec<&str> = cli.endpoints.split(',').filter(|s| !s.trim().is_empty()).collect();
+    let client = Client::connect(&endpoints)?;
+    match cli.command {
+        Command::Send { from, total, shares, equal, to, group, anyone, message, expires_in, request_id } => {
+            let total_cents = parse_yuan(&total)?;
+            let recipients = match (to, group, anyone) {
+                (Some(u), None, false) => Recipients::User(u),
+                (None, Some(g), false) => Recipients::Group(g.split(',').map(|s| s.trim().to_string()).collect()),
+                (None, None, true) => Recipients::Anyone,
+                _ => bail!("say who may grab: --to USER, --group A,B,C, or --anyone"),
+            };
+            let mut new = if equal {
+                NewPacket::equal(&from, total_cents, shares, recipients)
+            } else {
+                NewPacket::lucky(&from, total_cents, shares, recipients)
+            };
+            new.message = message;
+            new.request_id = request_id;
+            new.expires_in = expires_in.map(Duration::from_secs);
+            let packet = client.create_packet(new).await?;
+            println!("packet {}", packet.packet_id);
+            print_packet(&packet);
+        }
+        Command::Grab { packet, user, open: true } => {
+            let share = client.grab_and_open(&packet, &user).await?;
+            println!("{user} opened share #{}: {} yuan", share.share_index + 1, format_yuan(share.amount_cents));
+        }
+        Command::Grab { packet, user, open: false } => {
+            let share = client.grab(&packet, &user).await?;
+            println!("{user} grabbed share #{} ({} left); open it to see the amount", share.share_index + 1, share.shares_left);
+        }
+        Command::Open { packet, user } => {
+            let share = client.open(&packet, &user).await?;
+            println!("{user} opened share #{}: {} yuan", share.share_index + 1, format_yuan(share.amount_cents));
+        }
+        Command::Show { packet, local } => {
+            let consistency = if local { ReadConsistency::Local } else { ReadConsistency::Linearizable };
+            let packet = client.get_packet_with(&packet, consistency).await?;
+            print_packet(&packet);
+        }
+        Command::Admin { command: AdminCommand::Init } => {
+            let mut members = Vec::new();
+            for (addr, status) in client.cluster_status().await {
+                let status = status.with_context(|| format!("node at {addr} is not answering"))?;
+                members.push((status.node_id, status.addr));
+            }
+            let groups = client.init_cluster(&members).await?;
+            let ids: Vec<String> = members.iter().map(|(id, a)| format!("{id}@{a}")).collect();
+            println!("initialized {groups} groups on nodes {}", ids.join(", "));
+        }
+        Command::Admin { command: AdminCommand::Status } => print_status(&client).await,
+    }
+    Ok(())
+}
+
+fn print_packet(p: &Packet) {
+    let kind = if p.kind == redpacket_proto::v1::PacketKind::Equal as i32 { "equal" } else { "lucky" };
+    println!(
+        "  from {} · {} yuan in {} {} shares · group {} · {}",
+        p.sender,
+        format_yuan(p.total_cents),
+        p.shares,
+        kind,
+        p.group,
+        if p.message.is_empty() { "(no message)" } else { &p.message }
+    );
+    println!(
+        "  grabbed {}/{} · opened {} · unopened {} yuan",
+        p.shares_grabbed,
+        p.shares,
+        p.shares_opened,
+        format_yuan(p.remaining_cents)
+    );
+    for c in &p.claims {
+        let amount = c.amount_cents.map(format_yuan).unwrap_or_else(|| "(unopened)".into());
+        let best = if c.best_luck { "  ★ best luck" } else { "" };
+        println!("  #{:<4} {:<20} {:>10}{best}", c.share_index + 1, c.user, amount);
+    }
+}
+
+async fn print_status(client: &Client) {
+    for (addr, status) in client.cluster_status().await {
+        match status {
+            Err(e) => println!("node at {addr}: DOWN ({e})"),
+            Ok(s) => {
+                let leads = s.groups.iter().filter(|g| g.role == "leader").count();
+                println!(
+                    "node {} at {} · {} groups · leads {} · {}",
+                    s.node_id,
+                    s.addr,
+                    s.groups_total,
+                    leads,
+                    if s.initialized { "initialized" } else { "NOT initialized" }
+                );
+                println!("  {:>5} {:<9} {:>5} {:>6} {:>9} {:>9} {:>9}  voters", "group", "role", "term", "leader", "last_log", "applied", "snapshot");
+                let opt = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+                for g in &s.groups {
+                    println!(
+                        "  {:>5} {:<9} {:>5} {:>6} {:>9} {:>9} {:>9}  {:?}",
+                        g.group,
+                        g.role,
+                        g.term,
+                        opt(g.leader),
+                        opt(g.last_log_index),
+                        opt(g.last_applied),
+                        opt(g.snapshot_index),
+                        g.voters
+                    );
+                }
+            }
+        }
+    }
+}

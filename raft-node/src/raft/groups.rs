@@ -39,11 +39,9 @@ impl Groups {
             .await?;
             rafts.push(raft);
         }
-        // Serve nothing stale after a restart: wait until each group has re-applied what it
-        // had committed before it went down.
-        for raft in &rafts {
-            raft.wait_for_recovery(Some(Duration::from_secs(30))).await?;
-        }
+        // No wait_for_recovery() here: it needs a leader, and the leaders need this node's
+        // transport to be serving. Committed entries are re-applied from the local log at once
+        // (the committed index is persisted), and linearizable reads go through the leader.
         Ok(Groups { node_id: config.node_id, rafts })
     }
 
