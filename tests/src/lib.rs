@@ -1,1 +1,241 @@
+//! A test cluster of real `redpacket-node` processes on 127.0.0.1, each with its own data
+//! directory and port, for end-to-end tests. Nodes can be killed with SIGKILL, stopped with
+//! SIGTERM and restarted on the same data. Everything is torn down when the cluster drops.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Child;
+use std::process::Command;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use anyhow::bail;
+use redpacket_client::Client;
+use redpacket_client::NodeStatus;
+use redpacket_client::RetryPolicy;
+use redpacket_node::config::NodeConfig;
+use redpacket_node::config::RaftSettings;
+use redpacket_node::packet::Limits;
+use tokio::time::Instant;
+
+/// Settings of a test cluster.
+#[derive(Clone)]
+pub struct ClusterSpec {
+    pub nodes: u64,
+    pub groups: u32,
+    pub raft: RaftSettings,
+    pub limits: Limits,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            nodes: 3,
+            groups: 4,
+            raft: RaftSettings {
+                heartbeat_ms: 100,
+                election_timeout_min_ms: 800,
+                election_timeout_max_ms: 1600,
+                snapshot_every_entries: 5000,
+                keep_entries_after_snapshot: 1000,
+                balance_leaders: true,
+                balance_interval_ms: 1000,
+            },
+            limits: Limits::default(),
+        }
+    }
+}
+
+pub struct TestNode {
+    pub id: u64,
+    pub addr: String,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct Cluster {
+    pub nodes: BTreeMap<u64, TestNode>,
+    pub spec: ClusterSpec,
+    dir: tempfile::TempDir,
+}
+
+/// The node binary: `REDPACKET_NODE_BIN` if set, else `rp-test-node` from this build's
+/// target directory (cargo builds a package's binaries before running its tests).
+fn node_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("REDPACKET_NODE_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test binary>  ->  target/<profile>/rp-test-node
+    exe.parent().and_then(|deps| deps.parent()).map(|dir| dir.join("rp-test-node")).expect("target dir")
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+impl Cluster {
+    /// Starts the nodes and bootstraps the cluster; returns once every group has a leader.
+    pub async fn start(spec: ClusterSpec) -> anyhow::Result<Cluster> {
+        let dir = tempfile::Builder::new().prefix("redpacket-e2e-").tempdir()?;
+        let mut nodes = BTreeMap::new();
+        for id in 1..=spec.nodes {
+            let port = free_port();
+            let mut config = NodeConfig::local(id, port, dir.path().join(format!("node-{id}")));
+            config.groups = spec.groups;
+            config.raft = spec.raft.clone();
+            config.limits = spec.limits.clone();
+            let config_path = dir.path().join(format!("node-{id}.toml"));
+            std::fs::write(&config_path, toml::to_string(&config)?)?;
+            let log_path = dir.path().join(format!("node-{id}.log"));
+            nodes.insert(id, TestNode { id, addr: config.advertise_addr(), config_path, log_path, child: None });
+        }
+        let mut cluster = Cluster { nodes, spec, dir };
+        for id in cluster.node_ids() {
+            cluster.start_node(id)?;
+        }
+        for id in cluster.node_ids() {
+            cluster.wait_serving(id).await?;
+        }
+        let members: Vec<(u64, String)> = cluster.nodes.values().map(|n| (n.id, n.addr.clone())).collect();
+        cluster.client().init_cluster(&members).await?;
+        cluster.wait_all_leaders().await?;
+        Ok(cluster)
+    }
+
+    pub fn node_ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    /// Starts (or restarts) node `id` on its data directory.
+    pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let node = self.nodes.get_mut(&id).context("no such node")?;
+        if node.child.is_some() {
+            bail!("node {id} is already running");
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log_path)?;
+        let child = Command::new(node_binary())
+            .arg("--config")
+            .arg(&node.config_path)
+            .env("RUST_LOG", std::env::var("REDPACKET_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+            .env_remove("RUST_BACKTRACE")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", node_binary().display()))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: the process dies at once, as on a power cut (nothing is flushed by it).
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.nodes.get_mut(&id).and_then(|n| n.child.take()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the process to exit.
+    pub fn terminate(&mut self, id: u64) -> anyhow::Result<()> {
+        if let Some(mut child) = self.nodes.get_mut(&id).and_then(|n| n.child.take()) {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.nodes.get(&id).is_some_and(|n| n.child.is_some())
+    }
+
+    /// A client over every node.
+    pub fn client(&self) -> Client {
+        Client::connect(self.nodes.values().map(|n| n.addr.as_str()))
+            .expect("client")
+            .with_retry_policy(RetryPolicy { deadline: Duration::from_secs(60), ..RetryPolicy::default() })
+    }
+
+    /// A client talking to node `id` only.
+    pub fn client_of(&self, id: u64) -> Client {
+        Client::connect([self.nodes[&id].addr.as_str()]).expect("client")
+    }
+
+    pub async fn status_of(&self, id: u64) -> anyhow::Result<NodeStatus> {
+        let (_, status) = self.client_of(id).cluster_status().await.pop().context("no status")?;
+        Ok(status?)
+    }
+
+    async fn wait_serving(&self, id: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.status_of(id).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("node {id} did not start serving; log:\n{}", self.log_tail(id))
+    }
+
+    /// Waits until every running node sees a leader for every group.
+    pub async fn wait_all_leaders(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        'wait: while Instant::now() < deadline {
+            for id in self.node_ids().into_iter().filter(|id| self.is_running(*id)) {
+                match self.status_of(id).await {
+                    Ok(s) if s.groups.iter().all(|g| g.leader.is_some()) => {}
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue 'wait;
+                    }
+                }
+            }
+            return Ok(());
+        }
+        bail!("not every group elected a leader within 30 s")
+    }
+
+    /// The leader of `group` as seen by a running node that knows one.
+    pub async fn leader_of(&self, group: u32) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            for id in self.node_ids().into_iter().filter(|id| self.is_running(*id)) {
+                if let Ok(s) = self.status_of(id).await {
+                    if let Some(g) = s.groups.iter().find(|g| g.group == group && g.role == "leader") {
+                        let _ = g;
+                        return Ok(id);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("group {group} has no leader")
+    }
+
+    /// The last lines a node wrote to its log, for failure messages.
+    pub fn log_tail(&self, id: u64) -> String {
+        let text = std::fs::read_to_string(&self.nodes[&id].log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for id in self.node_ids() {
+            self.kill(id);
+        }
+        if std::thread::panicking() {
+            // Keep the data and logs of a failed test for inspection.
+            let path = self.dir.path().to_path_buf();
+            eprintln!("test cluster data and node logs kept in {}", path.display());
+            let _ = std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("tempdir")).keep();
+        }
+    }
+}

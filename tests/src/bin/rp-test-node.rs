@@ -1,0 +1,4 @@
+//! `redpacket-node`, built inside the test crate so the tests always run the current code.
+fn main() -> anyhow::Result<()> {
+    redpacket_node::cli::main()
+}
