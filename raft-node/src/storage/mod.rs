@@ -75,7 +75,7 @@ impl Store {
         let db = DB::open_cf_descriptors(&opts, &db_path, cfs)
             .map_err(|source| StoreError::Open { path: db_path.clone(), source })?;
         let db = Arc::new(db);
-        let store = Store { wal: WalSyncer::start(db.clone()), db, snapshot_dir };
+        let store = Store { wal: WalSyncer::start(&db), db, snapshot_dir };
         store.check_identity(&db_path, node_id, groups)?;
         Ok(store)
     }

@@ -9,6 +9,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::Weak;
 use std::sync::mpsc;
 use std::thread;
 
@@ -23,8 +24,10 @@ pub struct WalSyncer {
 }
 
 impl WalSyncer {
-    /// Starts the sync thread; it ends when every `WalSyncer` clone is dropped.
-    pub fn start(db: Arc<DB>) -> WalSyncer {
+    /// Starts the sync thread; it ends when every `WalSyncer` clone is dropped. It holds the
+    /// database weakly, so closing the store closes RocksDB on the caller's thread.
+    pub fn start(db: &Arc<DB>) -> WalSyncer {
+        let db: Weak<DB> = Arc::downgrade(db);
         let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
         thread::Builder::new()
             .name("wal-sync".into())
@@ -32,7 +35,10 @@ impl WalSyncer {
                 while let Ok(first) = rx.recv() {
                     let mut waiting = vec![first];
                     waiting.extend(rx.try_iter());
-                    let result = db.flush_wal(true).map_err(|e| e.to_string());
+                    let result = match db.upgrade() {
+                        Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
+                        None => Err("database closed".to_string()),
+                    };
                     for callback in waiting {
                         callback.io_completed(result.clone().map_err(io::Error::other));
                     }
