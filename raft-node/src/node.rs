@@ -54,8 +54,15 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RedPacketServer<PacketService>>().await;
+    // Reflection lists exactly the services this port serves (the payment ledger's
+    // descriptor is in the same set but is served by its own process).
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("redpacket.v1.RedPacket")
+        .with_service_name("redpacket.v1.ClusterAdmin")
+        .with_service_name("redpacket.raft.v1.RaftTransport")
+        .with_service_name("grpc.health.v1.Health")
         .build_v1()?;
 
     tracing::info!(node_id, addr = %config.listen_addr, data_dir = %config.data_dir.display(), groups = config.groups, "node serving");

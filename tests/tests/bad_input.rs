@@ -165,3 +165,17 @@ async fn recipients_retries_and_sold_out_behave_as_specified() {
     assert!(matches!(client.grab(&small.packet_id, "u3").await, Err(Error::SoldOut(_))));
     assert_eq!(client.grab(&small.packet_id, "u2").await.unwrap().share_index, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_refuses_a_member_list_that_misnames_a_node() {
+    let cluster = Cluster::start(ClusterSpec::default()).await.unwrap();
+    let client = cluster.client_of(1);
+    // Node 2's address claimed for node 7.
+    let members = vec![(1, cluster.nodes[&1].addr.clone()), (7, cluster.nodes[&2].addr.clone())];
+    let err = client.init_cluster(&members).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("members"), "{err}");
+    // A repeated init with the right members is harmless.
+    let members: Vec<(u64, String)> = cluster.nodes.values().map(|n| (n.id, n.addr.clone())).collect();
+    assert_eq!(client.init_cluster(&members).await.unwrap(), 4);
+}

@@ -77,6 +77,34 @@ impl ClusterAdmin for AdminService {
         if !members.contains_key(&self.ctx.node_id) {
             return Err(status::invalid("members", format!("must include this node ({})", self.ctx.node_id)));
         }
+        // Every member must be the node it is said to be, with our group count: a wrong id for
+        // an address would put one node in a group twice.
+        for (&node_id, node) in members.iter().filter(|(id, _)| **id != self.ctx.node_id) {
+            let channel = self
+                .ctx
+                .peers
+                .channel(&node.addr)
+                .map_err(|e| status::unavailable(format!("node {node_id} at {}: {e}", node.addr)))?;
+            let mut req = Request::new(pb::StatusRequest {});
+            req.set_timeout(Duration::from_secs(5));
+            let peer = ClusterAdminClient::new(channel)
+                .status(req)
+                .await
+                .map_err(|e| status::unavailable(format!("node {node_id} at {}: {}", node.addr, e.message())))?
+                .into_inner();
+            if peer.node_id != node_id {
+                return Err(status::invalid(
+                    "members",
+                    format!("{} is node {}, not node {node_id}", node.addr, peer.node_id),
+                ));
+            }
+            if peer.groups_total != self.ctx.groups.count() {
+                return Err(status::invalid(
+                    "members",
+                    format!("node {node_id} has {} groups, this node has {}", peer.groups_total, self.ctx.groups.count()),
+                ));
+            }
+        }
         // Each group is initialized on its preferred leader, which then campaigns first: the
         // leaders start out spread over the nodes.
         let voters: Vec<NodeId> = members.keys().copied().collect();

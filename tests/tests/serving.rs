@@ -1,0 +1,64 @@
+//! What operators and load balancers rely on: gRPC health and reflection, cluster status, and
+//! group leaders spread over the nodes.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use redpacket_tests::Cluster;
+use redpacket_tests::ClusterSpec;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reflection_status_and_leader_spread() {
+    let spec = ClusterSpec { groups: 6, ..ClusterSpec::default() };
+    let cluster = Cluster::start(spec).await.unwrap();
+    let addr = format!("http://{}", cluster.nodes[&2].addr);
+
+    let channel = tonic::transport::Endpoint::from_shared(addr).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let resp = health.check(HealthCheckRequest { service: "redpacket.v1.RedPacket".into() }).await.unwrap();
+    assert_eq!(resp.into_inner().status, ServingStatus::Serving as i32);
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut stream = reflection.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+    let Some(Ok(reply)) = stream.next().await else { panic!("no reflection reply") };
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else { panic!("unexpected reply") };
+    let services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in ["redpacket.v1.RedPacket", "redpacket.v1.ClusterAdmin", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|s| s == expected), "{expected} missing from {services:?}");
+    }
+
+    // Every node reports every group with the same leader and all three voters, and the
+    // leaders settle on the preferred spread: 6 groups over 3 nodes, 2 each.
+    let mut counts = BTreeMap::new();
+    for _ in 0..150 {
+        counts.clear();
+        let mut agree = true;
+        let first = cluster.status_of(1).await.unwrap();
+        for id in cluster.node_ids() {
+            let status = cluster.status_of(id).await.unwrap();
+            assert_eq!(status.node_id, id);
+            assert_eq!(status.groups.len(), 6);
+            for (g, f) in status.groups.iter().zip(&first.groups) {
+                assert_eq!(g.voters, vec![1, 2, 3]);
+                agree &= g.leader == f.leader && g.leader.is_some();
+                if g.role == "leader" {
+                    *counts.entry(id).or_insert(0) += 1;
+                }
+            }
+        }
+        if agree && counts.values().all(|&c| c == 2) && counts.len() == 3 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("leaders did not spread evenly within 15 s: {counts:?}");
+}
