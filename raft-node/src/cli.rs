@@ -34,13 +34,7 @@ enum Command {
 
 /// Entry point of the binary (also used by the end-to-end tests' copy of it).
 pub fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
@@ -53,4 +47,15 @@ pub fn main() -> anyhow::Result<()> {
             (None, None) => anyhow::bail!("give --config FILE to run one node, or `dev` to run a local cluster"),
         }
     })
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info,openraft=warn`).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -1,0 +1,455 @@
+//! The payment ledger: a stand-in for the bank, built as a real durable service.
+//!
+//! Accounts hold integer cents, split into `available` and `held`. A two-phase transfer is
+//! prepared (the amount moves from available to held on the source), then committed (held
+//! leaves the source, the destination is credited) or aborted (held returns to available).
+//! Every call is idempotent by its id and every state change is one synced RocksDB write,
+//! so the ledger is the source of truth for balances across crashes.
+//!
+//! It knows nothing about red packets; `redpacket-payment` serves it over gRPC
+//! ([`service`]), and the nodes' settlement drives it.
+
+pub mod service;
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rocksdb::DB;
+use rocksdb::Options;
+use rocksdb::WriteBatch;
+use rocksdb::WriteOptions;
+use serde::Deserialize;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub type Cents = u64;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub available: Cents,
+    pub held: Cents,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TransferState {
+    Prepared,
+    Committed,
+    Aborted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    pub id: String,
+    pub from: String,
+    pub to: String,
+    pub amount: Cents,
+    pub state: TransferState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Deposit {
+    account: String,
+    amount: Cents,
+}
+
+/// The ledger's totals. Money is conserved when `available + held == deposited` and the
+/// held money is exactly what prepared transfers hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Audit {
+    pub accounts: u64,
+    pub available: u128,
+    pub held: u128,
+    pub deposited: u128,
+    pub prepared: u128,
+    pub transfers: u64,
+}
+
+impl Audit {
+    pub fn conserved(&self) -> bool {
+        self.available + self.held == self.deposited && self.held == self.prepared
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("from_account: no account {0}")]
+    UnknownAccount(String),
+    #[error("from_account: {account} has {available} cents available, {needed} needed")]
+    InsufficientFunds { account: String, available: Cents, needed: Cents },
+    #[error("transfer_id: {0} was already used with different parameters")]
+    Conflict(String),
+    #[error("transfer_id: {0} is aborted")]
+    Aborted(String),
+    #[error("transfer_id: {0} is committed")]
+    Committed(String),
+    #[error("transfer_id: no transfer {0}")]
+    NotFound(String),
+    #[error("account {0}: balance would overflow")]
+    Overflow(String),
+    #[error("ledger storage: {0}")]
+    Storage(String),
+}
+
+type Result<T> = std::result::Result<T, LedgerError>;
+
+fn storage(e: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Storage(e.to_string())
+}
+
+const ACCOUNT: &str = "a/";
+const TRANSFER: &str = "t/";
+const DEPOSIT: &str = "d/";
+const DEPOSITED: &str = "m/deposited";
+
+/// Longest account or transfer id accepted.
+pub const MAX_ID_BYTES: usize = 128;
+
+fn check_id(field: &'static str, id: &str) -> Result<()> {
+    if id.is_empty() {
+        return Err(LedgerError::Invalid { field, reason: "must not be empty".into() });
+    }
+    if id.len() > MAX_ID_BYTES || id.chars().any(|c| c.is_control()) {
+        return Err(LedgerError::Invalid { field, reason: format!("at most {MAX_ID_BYTES} printable bytes") });
+    }
+    Ok(())
+}
+
+fn check_amount(amount: Cents) -> Result<()> {
+    if amount == 0 {
+        return Err(LedgerError::Invalid { field: "amount_cents", reason: "must be positive".into() });
+    }
+    Ok(())
+}
+
+pub struct Ledger {
+    db: DB,
+    /// Serializes state changes: each is read-check-write on several keys.
+    write: Mutex<()>,
+}
+
+/// Staged changes of one call, written atomically and synced.
+struct Change<'a> {
+    ledger: &'a Ledger,
+    batch: WriteBatch,
+}
+
+impl Change<'_> {
+    fn put<T: Serialize>(&mut self, key: String, value: &T) -> Result<()> {
+        self.batch.put(key, serde_json::to_vec(value).map_err(storage)?);
+        Ok(())
+    }
+
+    fn commit(self) -> Result<()> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.ledger.db.write_opt(self.batch, &opts).map_err(storage)
+    }
+}
+
+impl Ledger {
+    pub fn open(dir: &Path) -> Result<Ledger> {
+        std::fs::create_dir_all(dir).map_err(storage)?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        let db = DB::open(&opts, dir.join("ledger")).map_err(storage)?;
+        Ok(Ledger { db, write: Mutex::new(()) })
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.db.get(key).map_err(storage)? {
+            Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(storage)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn change(&self) -> Change<'_> {
+        Change { ledger: self, batch: WriteBatch::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn account(&self, account: &str) -> Result<Option<Account>> {
+        self.get(&format!("{ACCOUNT}{account}"))
+    }
+
+    pub fn balance(&self, account: &str) -> Result<Account> {
+        check_id("account", account)?;
+        Ok(self.account(account)?.unwrap_or_default())
+    }
+
+    pub fn transfer(&self, id: &str) -> Result<Transfer> {
+        check_id("transfer_id", id)?;
+        self.get(&format!("{TRANSFER}{id}"))?.ok_or_else(|| LedgerError::NotFound(id.to_string()))
+    }
+
+    /// Adds money from outside (opening the account if needed); idempotent by `deposit_id`.
+    pub fn deposit(&self, deposit_id: &str, account: &str, amount: Cents) -> Result<Account> {
+        check_id("deposit_id", deposit_id)?;
+        check_id("account", account)?;
+        check_amount(amount)?;
+        let _guard = self.lock();
+        let key = format!("{DEPOSIT}{deposit_id}");
+        let wanted = Deposit { account: account.to_string(), amount };
+        if let Some(existing) = self.get::<Deposit>(&key)? {
+            if existing != wanted {
+                return Err(LedgerError::Conflict(deposit_id.to_string()));
+            }
+            return self.balance(account);
+        }
+        let mut acc = self.account(account)?.unwrap_or_default();
+        acc.available = acc.available.checked_add(amount).ok_or_else(|| LedgerError::Overflow(account.into()))?;
+        let deposited: u128 = self.get(DEPOSITED)?.unwrap_or(0);
+        let mut change = self.change();
+        change.put(key, &wanted)?;
+        change.put(format!("{ACCOUNT}{account}"), &acc)?;
+        change.put(DEPOSITED.to_string(), &(deposited + u128::from(amount)))?;
+        change.commit()?;
+        Ok(acc)
+    }
+
+    /// Holds `amount` on `from` for a transfer to `to`.
+    pub fn prepare(&self, id: &str, from: &str, to: &str, amount: Cents) -> Result<Transfer> {
+        check_id("transfer_id", id)?;
+        check_id("from_account", from)?;
+        check_id("to_account", to)?;
+        check_amount(amount)?;
+        if from == to {
+            return Err(LedgerError::Invalid { field: "to_account", reason: "must differ from from_account".into() });
+        }
+        let _guard = self.lock();
+        let key = format!("{TRANSFER}{id}");
+        if let Some(existing) = self.get::<Transfer>(&key)? {
+            if existing.state == TransferState::Aborted {
+                // Abandoned (possibly before this prepare, delayed in the network, arrived).
+                return Err(LedgerError::Aborted(id.to_string()));
+            }
+            if (existing.from.as_str(), existing.to.as_str(), existing.amount) != (from, to, amount) {
+                return Err(LedgerError::Conflict(id.to_string()));
+            }
+            return Ok(existing);
+        }
+        let mut acc = self.account(from)?.ok_or_else(|| LedgerError::UnknownAccount(from.to_string()))?;
+        if acc.available < amount {
+            return Err(LedgerError::InsufficientFunds { account: from.to_string(), available: acc.available, needed: amount });
+        }
+        acc.available -= amount;
+        acc.held = acc.held.checked_add(amount).ok_or_else(|| LedgerError::Overflow(from.into()))?;
+        let transfer = Transfer { id: id.into(), from: from.into(), to: to.into(), amount, state: TransferState::Prepared };
+        let mut change = self.change();
+        change.put(format!("{ACCOUNT}{from}"), &acc)?;
+        change.put(key, &transfer)?;
+        change.commit()?;
+        Ok(transfer)
+    }
+
+    /// Moves a prepared transfer's amount to its destination.
+    pub fn commit(&self, id: &str) -> Result<Transfer> {
+        check_id("transfer_id", id)?;
+        let _guard = self.lock();
+        let key = format!("{TRANSFER}{id}");
+        let mut transfer: Transfer = self.get(&key)?.ok_or_else(|| LedgerError::NotFound(id.to_string()))?;
+        match transfer.state {
+            TransferState::Committed => return Ok(transfer),
+            TransferState::Aborted => return Err(LedgerError::Aborted(id.to_string())),
+            TransferState::Prepared => {}
+        }
+        let mut from = self.account(&transfer.from)?.ok_or_else(|| storage(format!("{id}: source account vanished")))?;
+        from.held = from.held.checked_sub(transfer.amount).ok_or_else(|| storage(format!("{id}: hold missing")))?;
+        let mut change = self.change();
+        let mut to = self.account(&transfer.to)?.unwrap_or_default();
+        to.available = to.available.checked_add(transfer.amount).ok_or_else(|| LedgerError::Overflow(transfer.to.clone()))?;
+        transfer.state = TransferState::Committed;
+        change.put(format!("{ACCOUNT}{}", transfer.from), &from)?;
+        change.put(format!("{ACCOUNT}{}", transfer.to), &to)?;
+        change.put(key, &transfer)?;
+        change.commit()?;
+        Ok(transfer)
+    }
+
+    /// Releases a prepared transfer's hold. Aborting an unknown id records it as aborted.
+    pub fn abort(&self, id: &str) -> Result<Transfer> {
+        check_id("transfer_id", id)?;
+        let _guard = self.lock();
+        let key = format!("{TRANSFER}{id}");
+        let Some(mut transfer) = self.get::<Transfer>(&key)? else {
+            let tombstone =
+                Transfer { id: id.into(), from: String::new(), to: String::new(), amount: 0, state: TransferState::Aborted };
+            let mut change = self.change();
+            change.put(key, &tombstone)?;
+            change.commit()?;
+            return Ok(tombstone);
+        };
+        match transfer.state {
+            TransferState::Aborted => return Ok(transfer),
+            TransferState::Committed => return Err(LedgerError::Committed(id.to_string())),
+            TransferState::Prepared => {}
+        }
+        let mut from = self.account(&transfer.from)?.ok_or_else(|| storage(format!("{id}: source account vanished")))?;
+        from.held = from.held.checked_sub(transfer.amount).ok_or_else(|| storage(format!("{id}: hold missing")))?;
+        from.available = from.available.checked_add(transfer.amount).ok_or_else(|| LedgerError::Overflow(transfer.from.clone()))?;
+        transfer.state = TransferState::Aborted;
+        let mut change = self.change();
+        change.put(format!("{ACCOUNT}{}", transfer.from), &from)?;
+        change.put(key, &transfer)?;
+        change.commit()?;
+        Ok(transfer)
+    }
+
+    /// Transfers whose id starts with `prefix`, in id order, after `start_after`.
+    pub fn list_transfers(&self, prefix: &str, start_after: &str, limit: usize) -> Result<Vec<Transfer>> {
+        let start = if start_after.is_empty() { format!("{TRANSFER}{prefix}") } else { format!("{TRANSFER}{start_after}\u{0}") };
+        let full_prefix = format!("{TRANSFER}{prefix}");
+        let mut out = Vec::new();
+        for item in self.db.iterator(rocksdb::IteratorMode::From(start.as_bytes(), rocksdb::Direction::Forward)) {
+            let (k, v) = item.map_err(storage)?;
+            if !k.starts_with(full_prefix.as_bytes()) || out.len() >= limit {
+                break;
+            }
+            out.push(serde_json::from_slice(&v).map_err(storage)?);
+        }
+        Ok(out)
+    }
+
+    /// Totals over every account and transfer, read from one consistent snapshot.
+    pub fn audit(&self) -> Result<Audit> {
+        let snap = self.db.snapshot();
+        let mut audit = Audit { deposited: 0, ..Audit::default() };
+        if let Some(b) = snap.get(DEPOSITED).map_err(storage)? {
+            audit.deposited = serde_json::from_slice(&b).map_err(storage)?;
+        }
+        for item in snap.iterator(rocksdb::IteratorMode::From(ACCOUNT.as_bytes(), rocksdb::Direction::Forward)) {
+            let (k, v) = item.map_err(storage)?;
+            if !k.starts_with(ACCOUNT.as_bytes()) {
+                break;
+            }
+            let acc: Account = serde_json::from_slice(&v).map_err(storage)?;
+            audit.accounts += 1;
+            audit.available += u128::from(acc.available);
+            audit.held += u128::from(acc.held);
+        }
+        for item in snap.iterator(rocksdb::IteratorMode::From(TRANSFER.as_bytes(), rocksdb::Direction::Forward)) {
+            let (k, v) = item.map_err(storage)?;
+            if !k.starts_with(TRANSFER.as_bytes()) {
+                break;
+            }
+            let t: Transfer = serde_json::from_slice(&v).map_err(storage)?;
+            audit.transfers += 1;
+            if t.state == TransferState::Prepared {
+                audit.prepared += u128::from(t.amount);
+            }
+        }
+        Ok(audit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ledger() -> (tempfile::TempDir, Ledger) {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        (dir, l)
+    }
+
+    #[test]
+    fn prepare_commit_moves_money_once() {
+        let (_d, l) = ledger();
+        l.deposit("d1", "alice", 1000).unwrap();
+        l.prepare("t1", "alice", "bob", 300).unwrap();
+        assert_eq!(l.balance("alice").unwrap(), Account { available: 700, held: 300 });
+        assert_eq!(l.commit("t1").unwrap().state, TransferState::Committed);
+        assert_eq!(l.commit("t1").unwrap().state, TransferState::Committed, "repeatable");
+        assert_eq!(l.prepare("t1", "alice", "bob", 300).unwrap().state, TransferState::Committed, "repeatable");
+        assert_eq!(l.balance("alice").unwrap(), Account { available: 700, held: 0 });
+        assert_eq!(l.balance("bob").unwrap(), Account { available: 300, held: 0 });
+        assert!(l.audit().unwrap().conserved());
+    }
+
+    #[test]
+    fn abort_releases_and_excludes_commit() {
+        let (_d, l) = ledger();
+        l.deposit("d1", "alice", 1000).unwrap();
+        l.prepare("t1", "alice", "bob", 300).unwrap();
+        assert_eq!(l.abort("t1").unwrap().state, TransferState::Aborted);
+        assert_eq!(l.abort("t1").unwrap().state, TransferState::Aborted);
+        assert!(matches!(l.commit("t1"), Err(LedgerError::Aborted(_))));
+        assert_eq!(l.balance("alice").unwrap(), Account { available: 1000, held: 0 });
+        l.prepare("t2", "alice", "bob", 100).unwrap();
+        l.commit("t2").unwrap();
+        assert!(matches!(l.abort("t2"), Err(LedgerError::Committed(_))));
+        assert!(l.audit().unwrap().conserved());
+    }
+
+    #[test]
+    fn an_abort_that_overtakes_its_prepare_wins() {
+        let (_d, l) = ledger();
+        l.deposit("d1", "alice", 1000).unwrap();
+        l.abort("t1").unwrap();
+        assert!(matches!(l.prepare("t1", "alice", "bob", 300), Err(LedgerError::Aborted(_))));
+        assert_eq!(l.balance("alice").unwrap().held, 0);
+    }
+
+    #[test]
+    fn refusals_change_nothing() {
+        let (_d, l) = ledger();
+        l.deposit("d1", "alice", 100).unwrap();
+        assert!(matches!(l.prepare("t1", "alice", "bob", 101), Err(LedgerError::InsufficientFunds { .. })));
+        assert!(matches!(l.prepare("t1", "nobody", "bob", 1), Err(LedgerError::UnknownAccount(_))));
+        assert!(matches!(l.prepare("t1", "alice", "bob", 0), Err(LedgerError::Invalid { field: "amount_cents", .. })));
+        assert!(matches!(l.prepare("", "alice", "bob", 1), Err(LedgerError::Invalid { field: "transfer_id", .. })));
+        assert!(matches!(l.commit("t9"), Err(LedgerError::NotFound(_))));
+        l.prepare("t1", "alice", "bob", 10).unwrap();
+        assert!(matches!(l.prepare("t1", "alice", "bob", 11), Err(LedgerError::Conflict(_))));
+        assert!(matches!(l.deposit("d1", "alice", 99), Err(LedgerError::Conflict(_))));
+        assert_eq!(l.balance("alice").unwrap(), Account { available: 90, held: 10 });
+        let audit = l.audit().unwrap();
+        assert_eq!((audit.deposited, audit.prepared, audit.transfers), (100, 10, 1));
+        assert!(audit.conserved());
+    }
+
+    #[test]
+    fn concurrent_calls_on_one_transfer_move_money_once() {
+        let (_d, l) = ledger();
+        l.deposit("d1", "alice", 1000).unwrap();
+        std::thread::scope(|s| {
+            for i in 0..8 {
+                let l = &l;
+                s.spawn(move || {
+                    let _ = l.prepare("t1", "alice", "bob", 400);
+                    if i % 2 == 0 {
+                        let _ = l.commit("t1");
+                    } else {
+                        let _ = l.abort("t1");
+                    }
+                });
+            }
+        });
+        let t = l.transfer("t1").unwrap();
+        let (alice, bob) = (l.balance("alice").unwrap(), l.balance("bob").unwrap());
+        match t.state {
+            TransferState::Committed => assert_eq!((alice.available, bob.available), (600, 400)),
+            TransferState::Aborted => assert_eq!((alice.available, bob.available), (1000, 0)),
+            TransferState::Prepared => panic!("every thread decided"),
+        }
+        assert!(l.audit().unwrap().conserved());
+    }
+
+    #[test]
+    fn the_ledger_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let l = Ledger::open(dir.path()).unwrap();
+            l.deposit("d1", "alice", 500).unwrap();
+            l.prepare("t1", "alice", "bob", 200).unwrap();
+        }
+        let l = Ledger::open(dir.path()).unwrap();
+        assert_eq!(l.balance("alice").unwrap(), Account { available: 300, held: 200 });
+        l.commit("t1").unwrap();
+        assert!(l.audit().unwrap().conserved());
+    }
+}

@@ -1,0 +1,199 @@
+//! The ledger over gRPC (`redpacket.payment.v1.PaymentLedger`), with optional fault
+//! injection for tests: calls can fail before doing anything, do their work and then "lose"
+//! the reply, or be delayed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rand::RngExt;
+use redpacket_proto::payment as pb;
+use redpacket_proto::payment::payment_ledger_server::PaymentLedger;
+use redpacket_proto::payment::payment_ledger_server::PaymentLedgerServer;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+
+use super::Account;
+use super::Ledger;
+use super::LedgerError;
+use super::Transfer;
+use super::TransferState;
+
+pub struct LedgerService {
+    ledger: Arc<Ledger>,
+    faults: Mutex<pb::Faults>,
+}
+
+fn status(e: LedgerError) -> Status {
+    match e {
+        LedgerError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        LedgerError::UnknownAccount(_) | LedgerError::NotFound(_) => Status::not_found(e.to_string()),
+        LedgerError::InsufficientFunds { .. } | LedgerError::Aborted(_) | LedgerError::Committed(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+        LedgerError::Conflict(_) => Status::already_exists(e.to_string()),
+        LedgerError::Overflow(_) => Status::out_of_range(e.to_string()),
+        LedgerError::Storage(_) => Status::internal(e.to_string()),
+    }
+}
+
+fn transfer_pb(t: Transfer) -> pb::Transfer {
+    let state = match t.state {
+        TransferState::Prepared => pb::TransferState::Prepared,
+        TransferState::Committed => pb::TransferState::Committed,
+        TransferState::Aborted => pb::TransferState::Aborted,
+    };
+    pb::Transfer { transfer_id: t.id, from_account: t.from, to_account: t.to, amount_cents: t.amount, state: state as i32 }
+}
+
+fn balance_pb(account: &str, a: Account) -> pb::AccountBalance {
+    pb::AccountBalance { account: account.to_string(), available_cents: a.available, held_cents: a.held }
+}
+
+fn saturate(v: u128) -> u64 {
+    u64::try_from(v).unwrap_or(u64::MAX)
+}
+
+impl LedgerService {
+    pub fn new(ledger: Arc<Ledger>, faults: pb::Faults) -> Self {
+        LedgerService { ledger, faults: Mutex::new(faults) }
+    }
+
+    /// Runs `op` on a blocking thread (every change is a synced write), under the faults.
+    async fn call<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Ledger) -> Result<T, LedgerError> + Send + 'static,
+    ) -> Result<Response<T>, Status> {
+        let faults = self.faults.lock().expect("faults lock").clone();
+        let (fail_before, fail_after, delay) = {
+            let mut rng = rand::rng();
+            (
+                rng.random_bool(faults.fail_before_ratio.clamp(0.0, 1.0)),
+                rng.random_bool(faults.fail_after_ratio.clamp(0.0, 1.0)),
+                rng.random_bool(faults.delay_ratio.clamp(0.0, 1.0)),
+            )
+        };
+        if delay {
+            tokio::time::sleep(Duration::from_millis(faults.delay_ms)).await;
+        }
+        if fail_before {
+            return Err(Status::unavailable("injected fault: failed before the call"));
+        }
+        let ledger = self.ledger.clone();
+        let result = tokio::task::spawn_blocking(move || op(&ledger)).await.map_err(|e| Status::internal(e.to_string()))?;
+        let value = result.map_err(status)?;
+        if fail_after {
+            return Err(Status::unavailable("injected fault: the reply was lost"));
+        }
+        Ok(Response::new(value))
+    }
+}
+
+#[tonic::async_trait]
+impl PaymentLedger for LedgerService {
+    async fn prepare(&self, request: Request<pb::PrepareRequest>) -> Result<Response<pb::Transfer>, Status> {
+        let r = request.into_inner();
+        self.call(move |l| l.prepare(&r.transfer_id, &r.from_account, &r.to_account, r.amount_cents).map(transfer_pb)).await
+    }
+
+    async fn commit(&self, request: Request<pb::TransferIdRequest>) -> Result<Response<pb::Transfer>, Status> {
+        let id = request.into_inner().transfer_id;
+        self.call(move |l| l.commit(&id).map(transfer_pb)).await
+    }
+
+    async fn abort(&self, request: Request<pb::TransferIdRequest>) -> Result<Response<pb::Transfer>, Status> {
+        let id = request.into_inner().transfer_id;
+        self.call(move |l| l.abort(&id).map(transfer_pb)).await
+    }
+
+    async fn get(&self, request: Request<pb::TransferIdRequest>) -> Result<Response<pb::Transfer>, Status> {
+        let id = request.into_inner().transfer_id;
+        self.call(move |l| l.transfer(&id).map(transfer_pb)).await
+    }
+
+    async fn deposit(&self, request: Request<pb::DepositRequest>) -> Result<Response<pb::AccountBalance>, Status> {
+        let r = request.into_inner();
+        self.call(move |l| l.deposit(&r.deposit_id, &r.account, r.amount_cents).map(|a| balance_pb(&r.account, a))).await
+    }
+
+    async fn balance(&self, request: Request<pb::BalanceRequest>) -> Result<Response<pb::AccountBalance>, Status> {
+        let account = request.into_inner().account;
+        self.call(move |l| l.balance(&account).map(|a| balance_pb(&account, a))).await
+    }
+
+    async fn audit(&self, _request: Request<pb::AuditRequest>) -> Result<Response<pb::AuditReport>, Status> {
+        let a = tokio::task::spawn_blocking({
+            let l = self.ledger.clone();
+            move || l.audit()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(status)?;
+        Ok(Response::new(pb::AuditReport {
+            accounts: a.accounts,
+            available_cents: saturate(a.available),
+            held_cents: saturate(a.held),
+            deposited_cents: saturate(a.deposited),
+            prepared_cents: saturate(a.prepared),
+            transfers: a.transfers,
+            conserved: a.conserved(),
+        }))
+    }
+
+    async fn list_transfers(&self, request: Request<pb::ListTransfersRequest>) -> Result<Response<pb::TransferList>, Status> {
+        let r = request.into_inner();
+        let limit = if r.limit == 0 { 1000 } else { r.limit.min(10_000) } as usize;
+        let l = self.ledger.clone();
+        let list = tokio::task::spawn_blocking(move || l.list_transfers(&r.prefix, &r.start_after, limit))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(status)?;
+        Ok(Response::new(pb::TransferList { transfers: list.into_iter().map(transfer_pb).collect() }))
+    }
+
+    async fn set_faults(&self, request: Request<pb::Faults>) -> Result<Response<pb::Faults>, Status> {
+        let f = request.into_inner();
+        for (name, v) in [("fail_before_ratio", f.fail_before_ratio), ("fail_after_ratio", f.fail_after_ratio), ("delay_ratio", f.delay_ratio)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Status::invalid_argument(format!("{name}: must be between 0 and 1")));
+            }
+        }
+        *self.faults.lock().expect("faults lock") = f.clone();
+        tracing::warn!(?f, "fault injection changed");
+        Ok(Response::new(f))
+    }
+}
+
+/// Settings of a `redpacket-payment` process.
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    pub listen_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub faults: pb::Faults,
+}
+
+/// Serves the ledger until `shutdown` completes.
+pub async fn run(config: LedgerConfig, shutdown: impl std::future::Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let ledger = Arc::new(Ledger::open(&config.data_dir)?);
+    let listener = tokio::net::TcpListener::bind(config.listen_addr).await?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<PaymentLedgerServer<LedgerService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(redpacket_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("redpacket.payment.v1.PaymentLedger")
+        .with_service_name("grpc.health.v1.Health")
+        .build_v1()?;
+    tracing::info!(addr = %config.listen_addr, data_dir = %config.data_dir.display(), "payment ledger serving");
+    tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(30))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(PaymentLedgerServer::new(LedgerService::new(ledger, config.faults)).max_decoding_message_size(1 << 20))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
