@@ -14,6 +14,7 @@ use redpacket_node::packet::NewPacket;
 use redpacket_node::packet::PacketId;
 use redpacket_node::packet::Recipients;
 use redpacket_node::raft::Command;
+use redpacket_node::raft::SettledTransfer;
 use redpacket_node::raft::TypeConfig;
 use redpacket_node::storage::Store;
 
@@ -39,9 +40,14 @@ fn apply(c: &mut Criterion) {
         created_at: 1_795_392_000_000,
         expires_at: u64::MAX,
         seed: [1; 32],
+        escrow: "escrow".into(),
     });
-    rt.block_on(sm.apply(stream::iter(vec![Ok((entry(1, create), None))]))).unwrap();
-    let mut index = 1u64;
+    let funded = Command::Settle(vec![SettledTransfer {
+        transfer_id: redpacket_node::packet::transfer::fund_id(&packet_id),
+        outcome: redpacket_node::packet::transfer::Settlement::Committed,
+    }]);
+    rt.block_on(sm.apply(stream::iter(vec![Ok((entry(1, create), None)), Ok((entry(2, funded), None))]))).unwrap();
+    let mut index = 2u64;
     let mut user = 0u64;
     let mut next = |n: usize| {
         (0..n)

@@ -29,6 +29,35 @@ pub struct NodeConfig {
     pub raft: RaftSettings,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub payment: PaymentSettings,
+}
+
+/// How the node reaches the payment ledger.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PaymentSettings {
+    /// Address of the `redpacket-payment` ledger.
+    pub endpoint: String,
+    /// Ledger account holding packets' money between funding and payout or refund.
+    pub escrow_account: String,
+    /// How long a create waits for its funding to settle before answering UNAVAILABLE
+    /// (the client's retry then finds the funded packet).
+    pub fund_timeout_ms: u64,
+    /// How often a leader looks for unsettled transfers and expired packets (it is also
+    /// woken at once when a transfer is recorded).
+    pub settle_interval_ms: u64,
+}
+
+impl Default for PaymentSettings {
+    fn default() -> Self {
+        PaymentSettings {
+            endpoint: "127.0.0.1:7100".into(),
+            escrow_account: "escrow:redpacket".into(),
+            fund_timeout_ms: 10_000,
+            settle_interval_ms: 500,
+        }
+    }
 }
 
 fn default_groups() -> u32 {
@@ -100,6 +129,7 @@ impl NodeConfig {
             groups: default_groups(),
             raft: RaftSettings::default(),
             limits: Limits::default(),
+            payment: PaymentSettings::default(),
         }
     }
 
@@ -120,6 +150,12 @@ impl NodeConfig {
         }
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             return Err(("raft.election_timeout_max_ms", "must exceed raft.election_timeout_min_ms".into()));
+        }
+        if self.payment.endpoint.is_empty() {
+            return Err(("payment.endpoint", "must be set".into()));
+        }
+        if crate::packet::validate::user_id("payment.escrow_account", &self.payment.escrow_account).is_err() {
+            return Err(("payment.escrow_account", "must be a non-empty printable account id".into()));
         }
         if r.snapshot_every_entries == 0 {
             return Err(("raft.snapshot_every_entries", "must be at least 1".into()));

@@ -13,5 +13,7 @@ pub mod ledger;
 pub mod node;
 pub mod packet;
 pub mod raft;
+pub mod reconcile;
 pub mod service;
+pub mod settlement;
 pub mod storage;

@@ -45,12 +45,21 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
         store,
         peers,
         limits: config.limits.clone(),
+        payment: config.payment.clone(),
+        ledger: crate::settlement::ledger_client(&config.payment.endpoint)?,
     });
 
     let balancer = config
         .raft
         .balance_leaders
         .then(|| tokio::spawn(balance::run(groups.clone(), Duration::from_millis(config.raft.balance_interval_ms))));
+
+    let settler = tokio::spawn(crate::settlement::run(
+        groups.clone(),
+        ctx.store.clone(),
+        ctx.ledger.clone(),
+        Duration::from_millis(config.payment.settle_interval_ms),
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RedPacketServer<PacketService>>().await;
@@ -85,6 +94,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
     if let Some(b) = balancer {
         b.abort();
     }
+    settler.abort();
     groups.shutdown().await;
     Ok(())
 }

@@ -11,7 +11,10 @@ use redpacket_node::packet::Kind;
 use redpacket_node::packet::NewPacket;
 use redpacket_node::packet::PacketId;
 use redpacket_node::packet::Recipients;
+use redpacket_node::packet::transfer::Settlement;
+use redpacket_node::packet::transfer::fund_id;
 use redpacket_node::raft::Command;
+use redpacket_node::raft::SettledTransfer;
 use redpacket_node::raft::TypeConfig;
 use redpacket_node::storage::Store;
 use redpacket_node::storage::keys;
@@ -32,6 +35,7 @@ fn packet(n: u8, shares: u32, total: u64, kind: Kind, recipients: Recipients) ->
         created_at: 1_795_392_000_000,
         expires_at: 1_795_392_000_000 + 60_000,
         seed: [n; 32],
+        escrow: "escrow".into(),
     }
 }
 
@@ -45,6 +49,14 @@ fn log() -> Vec<Command> {
     let open = |p: &NewPacket, u: &str| Command::Open { packet_id: p.packet_id.clone(), user: u.into(), at };
     let mut log = vec![Command::Create(a.clone()), Command::Create(b.clone()), Command::Create(c.clone())];
     log.push(Command::Create(a.clone())); // a retried create
+    log.push(grab(&a, "early", false)); // not funded yet
+    let settle = |p: &NewPacket, outcome: Settlement| SettledTransfer { transfer_id: fund_id(&p.packet_id), outcome };
+    log.push(Command::Settle(vec![settle(&a, Settlement::Committed), settle(&b, Settlement::Committed)]));
+    log.push(Command::Settle(vec![settle(&c, Settlement::Committed)]));
+    let unfunded = packet(4, 2, 500, Kind::Lucky, Recipients::Anyone);
+    log.push(Command::Create(unfunded.clone()));
+    log.push(Command::Settle(vec![settle(&unfunded, Settlement::Aborted { reason: "insufficient funds".into() })]));
+    log.push(Command::Settle(vec![settle(&unfunded, Settlement::Committed)])); // a conflicting late settle: ignored
     for u in 0..7 {
         log.push(grab(&a, &format!("user-{u}"), u % 2 == 0)); // 5 win, 2 sold out
     }
@@ -57,6 +69,13 @@ fn log() -> Vec<Command> {
     log.push(grab(&c, "solo", false));
     log.push(Command::Grab { packet_id: c.packet_id.clone(), user: "late".into(), at: c.expires_at, open: false }); // expired
     log.push(grab(&packet(9, 1, 1, Kind::Lucky, Recipients::Anyone), "x", false)); // unknown packet
+    // Expiry: b closes with one share opened (refund of the rest), then nothing more.
+    log.push(Command::Expire { packet_ids: vec![b.packet_id.clone(), a.packet_id.clone()], at: b.expires_at });
+    log.push(grab(&b, "u2", true)); // closed
+    let pays: Vec<SettledTransfer> = (0..5)
+        .map(|i| SettledTransfer { transfer_id: format!("pay:{}:{i}", a.packet_id), outcome: Settlement::Committed })
+        .collect();
+    log.push(Command::Settle(pays));
     log
 }
 

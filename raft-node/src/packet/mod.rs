@@ -6,6 +6,7 @@
 pub mod amount;
 pub mod id;
 pub mod rules;
+pub mod transfer;
 pub mod validate;
 
 use serde::Deserialize;
@@ -69,6 +70,21 @@ pub struct NewPacket {
     pub created_at: Millis,
     pub expires_at: Millis,
     pub seed: Seed,
+    /// The ledger account holding the packet's money until it is paid out or refunded.
+    pub escrow: String,
+}
+
+/// Where a packet is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stage {
+    /// Created; the sender's money is being moved to escrow. Not grabbable yet.
+    Funding,
+    /// Funded: grabs and opens are accepted until it expires.
+    Open,
+    /// Funding failed (insufficient funds, unknown account): never grabbable.
+    FundingFailed,
+    /// Expired: what nobody opened is refunded; no more grabs or opens.
+    Closed,
 }
 
 /// A packet as stored: its terms and its progress.
@@ -83,6 +99,9 @@ pub struct Packet {
     pub opened_cents: Cents,
     /// What the next grab draws from.
     pub undrawn: Remaining,
+    pub stage: Stage,
+    /// What was refunded to the sender when the packet closed.
+    pub refunded_cents: Cents,
 }
 
 /// One user's share of a packet.
@@ -114,6 +133,8 @@ pub enum PacketError {
     NotGrabbed { packet_id: String, user: String },
     #[error("packet_id: {0} already belongs to another create request; retry with a new request_id")]
     DuplicateId(String),
+    #[error("packet {packet_id} is not funded: {reason}")]
+    NotFunded { packet_id: String, reason: String },
 }
 
 impl PacketError {
@@ -126,7 +147,7 @@ impl Packet {
     /// A freshly created packet: nothing grabbed yet.
     pub fn new(terms: NewPacket) -> Self {
         let undrawn = Remaining { cents: terms.total, shares: terms.shares };
-        Packet { terms, grabbed: 0, opened: 0, opened_cents: 0, undrawn }
+        Packet { terms, grabbed: 0, opened: 0, opened_cents: 0, undrawn, stage: Stage::Funding, refunded_cents: 0 }
     }
 
     pub fn id(&self) -> &PacketId {

@@ -9,6 +9,7 @@ use super::Claim;
 use super::Millis;
 use super::Packet;
 use super::PacketError;
+use super::Stage;
 use super::amount;
 
 /// Result of a grab.
@@ -53,9 +54,7 @@ impl Packet {
             return Ok(GrabOutcome::AlreadyHeld(claim.clone()));
         }
         let id = self.id().to_string();
-        if self.is_expired(now) {
-            return Err(PacketError::Expired(id));
-        }
+        self.check_open(now)?;
         if !self.terms.recipients.admits(user) {
             return Err(PacketError::NotARecipient { packet_id: id, user: user.to_string() });
         }
@@ -84,9 +83,7 @@ impl Packet {
         if claim.opened_at.is_some() {
             return Ok(OpenOutcome::AlreadyOpen(claim.clone()));
         }
-        if self.is_expired(now) {
-            return Err(PacketError::Expired(id));
-        }
+        self.check_open(now)?;
         let opened_cents = self
             .opened_cents
             .checked_add(claim.amount)
@@ -98,13 +95,54 @@ impl Packet {
     }
 }
 
+impl Packet {
+    /// Grabs and opens are accepted only while the packet is funded and not expired. Once
+    /// closed it stays closed, whatever time a later entry carries.
+    fn check_open(&self, now: Millis) -> Result<(), PacketError> {
+        let id = self.id().to_string();
+        match self.stage {
+            Stage::Open if !self.is_expired(now) => Ok(()),
+            Stage::Open | Stage::Closed => Err(PacketError::Expired(id)),
+            Stage::Funding => Err(PacketError::NotFunded { packet_id: id, reason: "funding is still in progress".into() }),
+            Stage::FundingFailed => Err(PacketError::NotFunded { packet_id: id, reason: "funding failed".into() }),
+        }
+    }
+
+    /// Records the outcome of the funding transfer. Only a packet still funding changes.
+    pub fn funding_settled(&mut self, committed: bool) {
+        if self.stage == Stage::Funding {
+            self.stage = if committed { Stage::Open } else { Stage::FundingFailed };
+        }
+    }
+
+    /// Closes an expired packet at time `now`. Returns the amount to refund to the sender:
+    /// everything not opened, including grabbed but unopened shares (as WeChat does).
+    /// `None` when the packet cannot close yet (not expired, or funding still pending) or is
+    /// already closed.
+    pub fn close(&mut self, now: Millis) -> Option<super::Cents> {
+        match self.stage {
+            Stage::Open if self.is_expired(now) => {
+                let refund = self.unopened_cents();
+                self.stage = Stage::Closed;
+                self.refunded_cents = refund;
+                Some(refund)
+            }
+            Stage::FundingFailed if self.is_expired(now) => {
+                self.stage = Stage::Closed;
+                Some(0)
+            }
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::*;
     use super::*;
 
     fn packet(shares: u32, total: Cents, recipients: Recipients) -> Packet {
-        Packet::new(NewPacket {
+        let mut p = Packet::new(NewPacket {
             packet_id: PacketId::parse("20261123000000000000000000000001").unwrap(),
             request_id: "r".into(),
             sender: "alice".into(),
@@ -116,7 +154,10 @@ mod tests {
             created_at: 1_000,
             expires_at: 10_000,
             seed: [3; 32],
-        })
+            escrow: "escrow".into(),
+        });
+        p.funding_settled(true);
+        p
     }
 
     #[test]
@@ -172,5 +213,32 @@ mod tests {
         assert_eq!(best_luck(&p, &[a.clone(), b.clone()]), None);
         let b = p.open("b", Some(&b), 2_000).unwrap().claim().clone();
         assert_eq!(best_luck(&p, &[b, a]), Some(0));
+    }
+
+    #[test]
+    fn an_unfunded_packet_cannot_be_grabbed() {
+        let mut p = packet(2, 200, Recipients::Anyone);
+        p.stage = Stage::Funding;
+        assert!(matches!(p.grab("a", None, 2_000), Err(PacketError::NotFunded { .. })));
+        p.funding_settled(false);
+        assert_eq!(p.stage, Stage::FundingFailed);
+        p.funding_settled(true);
+        assert_eq!(p.stage, Stage::FundingFailed, "a settled funding never changes");
+        assert!(matches!(p.grab("a", None, 2_000), Err(PacketError::NotFunded { .. })));
+    }
+
+    #[test]
+    fn closing_refunds_everything_unopened_and_stops_grabs_and_opens() {
+        let mut p = packet(3, 300, Recipients::Anyone);
+        let a = p.grab("a", None, 2_000).unwrap().claim().clone();
+        let a = p.open("a", Some(&a), 2_000).unwrap().claim().clone();
+        let b = p.grab("b", None, 2_000).unwrap().claim().clone(); // grabbed, never opened
+        assert_eq!(p.close(9_999), None, "not expired yet");
+        assert_eq!(p.close(10_000), Some(300 - a.amount));
+        assert_eq!(p.close(10_000), None, "closes once");
+        // Even an entry stamped before the expiry is refused once the packet is closed.
+        assert!(matches!(p.open("b", Some(&b), 5_000), Err(PacketError::Expired(_))));
+        assert!(matches!(p.grab("c", None, 5_000), Err(PacketError::Expired(_))));
+        assert_eq!(p.opened_cents + p.refunded_cents, 300);
     }
 }

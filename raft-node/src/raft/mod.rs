@@ -16,6 +16,7 @@ use crate::packet::NewPacket;
 use crate::packet::Packet;
 use crate::packet::PacketError;
 use crate::packet::PacketId;
+use crate::packet::transfer::Settlement;
 use crate::storage::GroupStateMachine;
 
 openraft::declare_raft_types!(
@@ -41,13 +42,26 @@ pub enum Command {
     Grab { packet_id: PacketId, user: String, at: Millis, open: bool },
     /// `user` opens the share they grabbed.
     Open { packet_id: PacketId, user: String, at: Millis },
+    /// The ledger's final word on transfers the leader carried out.
+    Settle(Vec<SettledTransfer>),
+    /// Close these packets, expired by the leader's clock at `at`, refunding what is unopened.
+    Expire { packet_ids: Vec<PacketId>, at: Millis },
+}
+
+/// A transfer's outcome as the ledger decided it (`Committed` or `Aborted`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettledTransfer {
+    pub transfer_id: String,
+    pub outcome: Settlement,
 }
 
 impl Command {
-    pub fn packet_id(&self) -> &PacketId {
+    /// The packet the command is about, if it is about one.
+    pub fn packet_id(&self) -> Option<&PacketId> {
         match self {
-            Command::Create(p) => &p.packet_id,
-            Command::Grab { packet_id, .. } | Command::Open { packet_id, .. } => packet_id,
+            Command::Create(p) => Some(&p.packet_id),
+            Command::Grab { packet_id, .. } | Command::Open { packet_id, .. } => Some(packet_id),
+            Command::Settle(_) | Command::Expire { .. } => None,
         }
     }
 }
@@ -58,6 +72,8 @@ impl fmt::Display for Command {
             Command::Create(p) => write!(f, "create({}, {} cents, {} shares)", p.packet_id, p.total, p.shares),
             Command::Grab { packet_id, user, open, .. } => write!(f, "grab({packet_id}, {user}, open={open})"),
             Command::Open { packet_id, user, .. } => write!(f, "open({packet_id}, {user})"),
+            Command::Settle(list) => write!(f, "settle({} transfers)", list.len()),
+            Command::Expire { packet_ids, .. } => write!(f, "expire({} packets)", packet_ids.len()),
         }
     }
 }
@@ -73,6 +89,10 @@ pub enum Reply {
     Opened { claim: Claim },
     /// The command was refused; nothing changed.
     Refused(PacketError),
+    /// Transfers newly marked settled.
+    Settled { count: usize },
+    /// Packets closed.
+    Closed { count: usize },
     /// Entries that carry no command (blank, membership).
     Empty,
 }

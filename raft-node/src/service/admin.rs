@@ -2,11 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
+use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::type_config::async_runtime::WatchReceiver;
 
+use openraft::ReadPolicy;
 use openraft::errors::InitializeError;
 use openraft::errors::RaftError;
 use redpacket_proto::v1 as pb;
@@ -16,8 +19,19 @@ use tonic::Request;
 use tonic::Response;
 use tonic::Status;
 
+use redpacket_proto::payment as ledger_pb;
+
+use super::LEADER_WAIT;
 use super::NodeContext;
+use super::packets::forward_request;
+use super::packets::is_forwarded;
 use super::status;
+use crate::ledger;
+use crate::packet::Packet;
+use crate::packet::PacketId;
+use crate::packet::transfer::Transfer;
+use crate::reconcile;
+use crate::storage::codec;
 use crate::raft::Node;
 use crate::raft::NodeId;
 use crate::raft::balance::preferred_leader;
@@ -44,6 +58,68 @@ impl AdminService {
             }
         }
         Ok(())
+    }
+}
+
+impl AdminService {
+    /// One group's packets and transfers, read linearizably on its leader.
+    async fn dump_of(&self, group: u32, forwarded: bool) -> Result<(Vec<Packet>, Vec<Transfer>), Status> {
+        let raft = self.ctx.groups.get(group).ok_or_else(|| status::invalid("group", format!("no group {group}")))?;
+        let (leader, node) = self
+            .ctx
+            .groups
+            .leader(group, LEADER_WAIT)
+            .await
+            .ok_or_else(|| status::unavailable(format!("group {group} has no leader; retry")))?;
+        if leader != self.ctx.node_id {
+            if forwarded {
+                return Err(status::unavailable(format!("node {} no longer leads group {group}; retry", self.ctx.node_id)));
+            }
+            let channel = self.ctx.peers.channel(&node.addr).map_err(|e| status::unavailable(e.to_string()))?;
+            let resp = ClusterAdminClient::new(channel)
+                .max_decoding_message_size(256 << 20)
+                .dump_group(forward_request(pb::DumpGroupRequest { group }))
+                .await?
+                .into_inner();
+            let packets = codec::decode(&resp.packets).map_err(status::internal)?;
+            let transfers = codec::decode(&resp.transfers).map_err(status::internal)?;
+            return Ok((packets, transfers));
+        }
+        raft.ensure_linearizable(ReadPolicy::ReadIndex)
+            .await
+            .map_err(|e| status::unavailable(format!("group {group}: {e}; retry")))?;
+        self.ctx.store.reader(group).dump().map_err(status::internal)
+    }
+
+    /// Every ledger transfer with one of redpacket's id prefixes.
+    async fn ledger_transfers(&self) -> Result<HashMap<String, ledger::Transfer>, Status> {
+        let mut out = HashMap::new();
+        let mut client = self.ctx.ledger.clone().max_decoding_message_size(256 << 20);
+        for prefix in ["fund:", "pay:", "refund:"] {
+            let mut start_after = String::new();
+            loop {
+                let page = client
+                    .list_transfers(ledger_pb::ListTransfersRequest { prefix: prefix.into(), start_after: start_after.clone(), limit: 10_000 })
+                    .await
+                    .map_err(|e| status::unavailable(format!("payment ledger: {}", e.message())))?
+                    .into_inner()
+                    .transfers;
+                let Some(last) = page.last() else { break };
+                start_after = last.transfer_id.clone();
+                for t in page {
+                    let state = match ledger_pb::TransferState::try_from(t.state) {
+                        Ok(ledger_pb::TransferState::Committed) => ledger::TransferState::Committed,
+                        Ok(ledger_pb::TransferState::Aborted) => ledger::TransferState::Aborted,
+                        _ => ledger::TransferState::Prepared,
+                    };
+                    out.insert(
+                        t.transfer_id.clone(),
+                        ledger::Transfer { id: t.transfer_id, from: t.from_account, to: t.to_account, amount: t.amount_cents, state },
+                    );
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -166,5 +242,107 @@ impl ClusterAdmin for AdminService {
             initialized: self.ctx.groups.is_initialized(),
             groups,
         }))
+    }
+
+    async fn dump_group(&self, request: Request<pb::DumpGroupRequest>) -> Result<Response<pb::DumpGroupResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let (packets, transfers) = self.dump_of(request.into_inner().group, forwarded).await?;
+        Ok(Response::new(pb::DumpGroupResponse {
+            packets: codec::encode(&packets).map_err(status::internal)?,
+            transfers: codec::encode(&transfers).map_err(status::internal)?,
+        }))
+    }
+
+    async fn reconcile(&self, _request: Request<pb::ReconcileRequest>) -> Result<Response<pb::ReconcileReport>, Status> {
+        let groups = self.ctx.groups.count();
+        let mut packets = Vec::new();
+        let mut transfers = Vec::new();
+        for group in 0..groups {
+            let (p, t) = self.dump_of(group, false).await?;
+            packets.extend(p);
+            transfers.extend(t);
+        }
+        // The ledger is read after the packet state (see reconcile::check).
+        let ledger_transfers = self.ledger_transfers().await?;
+        let mut ledger = self.ctx.ledger.clone();
+        let unavailable = |e: Status| status::unavailable(format!("payment ledger: {}", e.message()));
+        let audit = ledger.audit(ledger_pb::AuditRequest {}).await.map_err(unavailable)?.into_inner();
+        let escrow = ledger
+            .balance(ledger_pb::BalanceRequest { account: self.ctx.payment.escrow_account.clone() })
+            .await
+            .map_err(unavailable)?
+            .into_inner();
+
+        // Ledger transfers the state did not show may have been recorded since: re-read
+        // their groups before calling them orphans.
+        let known: HashSet<&str> = transfers.iter().map(|t| t.id.as_str()).collect();
+        let candidates: Vec<String> = ledger_transfers.keys().filter(|id| !known.contains(id.as_str())).cloned().collect();
+        let mut orphans = Vec::new();
+        let mut reread: HashMap<u32, HashSet<String>> = HashMap::new();
+        for id in candidates {
+            let group = id.split(':').nth(1).and_then(|p| PacketId::parse(p).ok()).map(|p| p.group(groups));
+            let Some(group) = group else {
+                orphans.push(id);
+                continue;
+            };
+            if let std::collections::hash_map::Entry::Vacant(e) = reread.entry(group) {
+                let (_, t) = self.dump_of(group, false).await?;
+                e.insert(t.into_iter().map(|t| t.id).collect());
+            }
+            if !reread[&group].contains(&id) {
+                orphans.push(id);
+            }
+        }
+
+        let view = reconcile::LedgerView {
+            transfers: ledger_transfers,
+            audit: ledger::Audit {
+                accounts: audit.accounts,
+                available: u128::from(audit.available_cents),
+                held: u128::from(audit.held_cents),
+                deposited: u128::from(audit.deposited_cents),
+                prepared: u128::from(audit.prepared_cents),
+                transfers: audit.transfers,
+            },
+            escrow: ledger::Account { available: escrow.available_cents, held: escrow.held_cents },
+        };
+        let r = reconcile::check(&packets, &transfers, &view, &orphans);
+        let cents = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
+        Ok(Response::new(pb::ReconcileReport {
+            packets: r.packets,
+            transfers: r.transfers,
+            pending_transfers: r.pending_transfers,
+            funded_cents: cents(r.funded),
+            paid_cents: cents(r.paid),
+            refunded_cents: cents(r.refunded),
+            in_escrow_cents: cents(r.in_escrow),
+            escrow_balance_cents: cents(r.escrow_balance),
+            ledger_conserved: r.ledger_conserved,
+            mismatches: r
+                .mismatches
+                .into_iter()
+                .map(|m| pb::Mismatch { packet_id: m.packet_id, transfer_id: m.transfer_id, problem: m.problem })
+                .collect(),
+        }))
+    }
+
+    async fn set_failpoint(&self, request: Request<pb::FailpointRequest>) -> Result<Response<pb::FailpointResponse>, Status> {
+        let req = request.into_inner();
+        if req.name.is_empty() {
+            return Err(status::invalid("name", "must name a failpoint"));
+        }
+        #[cfg(feature = "failpoints")]
+        {
+            fail::cfg(&req.name, &req.actions).map_err(|e| status::invalid("actions", e))?;
+            tracing::warn!(name = %req.name, actions = %req.actions, "failpoint configured");
+            Ok(Response::new(pb::FailpointResponse {}))
+        }
+        #[cfg(not(feature = "failpoints"))]
+        {
+            Err(Status::failed_precondition(format!(
+                "name: this build has no failpoints (build with feature `failpoints`) to set {}",
+                req.name
+            )))
+        }
     }
 }

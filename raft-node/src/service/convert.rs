@@ -4,7 +4,15 @@ use redpacket_proto::v1 as pb;
 use tonic::Status;
 
 use super::status::invalid;
+use std::collections::HashMap;
+
 use crate::packet::Claim;
+use crate::packet::Stage;
+use crate::packet::transfer::Settlement;
+use crate::packet::transfer::Transfer;
+use crate::packet::transfer::fund_id;
+use crate::packet::transfer::pay_id;
+use crate::packet::transfer::refund_id;
 use crate::packet::Kind;
 use crate::packet::Packet;
 use crate::packet::Recipients;
@@ -58,7 +66,28 @@ pub fn create_from_pb(req: pb::CreatePacketRequest) -> Result<CreateRequest, Sta
     })
 }
 
-pub fn claim_to_pb(c: &Claim, best: Option<u32>) -> pb::Claim {
+pub fn settlement_to_pb(t: Option<&Transfer>) -> pb::Settlement {
+    match t.map(|t| &t.settlement) {
+        None => pb::Settlement::Unspecified,
+        Some(Settlement::Pending) => pb::Settlement::Pending,
+        Some(Settlement::Committed) => pb::Settlement::Settled,
+        Some(Settlement::Aborted { .. }) => pb::Settlement::Failed,
+    }
+}
+
+pub fn stage_to_pb(stage: Stage) -> pb::PacketStage {
+    match stage {
+        Stage::Funding => pb::PacketStage::Funding,
+        Stage::Open => pb::PacketStage::Open,
+        Stage::FundingFailed => pb::PacketStage::FundingFailed,
+        Stage::Closed => pb::PacketStage::Closed,
+    }
+}
+
+/// The packet's transfers by id, as read from its group: what `packet_to_pb` shows.
+pub type Transfers = HashMap<String, Transfer>;
+
+pub fn claim_to_pb(c: &Claim, best: Option<u32>, payment: pb::Settlement) -> pb::Claim {
     let opened = c.opened_at.is_some();
     pb::Claim {
         user: c.user.clone(),
@@ -67,12 +96,14 @@ pub fn claim_to_pb(c: &Claim, best: Option<u32>) -> pb::Claim {
         grabbed_at_ms: c.grabbed_at,
         opened_at_ms: c.opened_at,
         best_luck: best == Some(c.share_index),
+        payment: payment as i32,
     }
 }
 
-pub fn packet_to_pb(p: &Packet, claims: &[Claim], group: u32) -> pb::Packet {
+pub fn packet_to_pb(p: &Packet, claims: &[Claim], transfers: &Transfers, group: u32) -> pb::Packet {
     let best = best_luck(p, claims);
     let t = &p.terms;
+    let id = &t.packet_id;
     pb::Packet {
         packet_id: t.packet_id.to_string(),
         sender: t.sender.clone(),
@@ -86,7 +117,14 @@ pub fn packet_to_pb(p: &Packet, claims: &[Claim], group: u32) -> pb::Packet {
         shares_grabbed: p.grabbed,
         shares_opened: p.opened,
         remaining_cents: p.unopened_cents(),
-        claims: claims.iter().map(|c| claim_to_pb(c, best)).collect(),
+        claims: claims
+            .iter()
+            .map(|c| claim_to_pb(c, best, settlement_to_pb(transfers.get(&pay_id(id, c.share_index)))))
+            .collect(),
         group,
+        stage: stage_to_pb(p.stage) as i32,
+        funding: settlement_to_pb(transfers.get(&fund_id(id))) as i32,
+        refunded_cents: p.refunded_cents,
+        refund: settlement_to_pb(transfers.get(&refund_id(id))) as i32,
     }
 }

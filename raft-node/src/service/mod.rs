@@ -10,6 +10,10 @@ pub mod transport;
 use std::sync::Arc;
 use std::time::Duration;
 
+use redpacket_proto::payment::payment_ledger_client::PaymentLedgerClient;
+use tonic::transport::Channel;
+
+use crate::config::PaymentSettings;
 use crate::packet::Limits;
 use crate::raft::groups::Groups;
 use crate::raft::network::PeerChannels;
@@ -23,6 +27,8 @@ pub struct NodeContext {
     pub store: Store,
     pub peers: Arc<PeerChannels>,
     pub limits: Limits,
+    pub payment: PaymentSettings,
+    pub ledger: PaymentLedgerClient<Channel>,
 }
 
 /// How long a request waits for its group to elect a leader before answering UNAVAILABLE.

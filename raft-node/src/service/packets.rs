@@ -29,7 +29,14 @@ use super::convert;
 use super::status;
 use crate::packet::Millis;
 use crate::packet::NewPacket;
+use crate::packet::Packet;
+use crate::packet::PacketError;
 use crate::packet::PacketId;
+use crate::packet::Stage;
+use crate::packet::transfer::Settlement;
+use crate::packet::transfer::fund_id;
+use crate::packet::transfer::pay_id;
+use crate::packet::transfer::refund_id;
 use crate::packet::validate;
 use crate::raft::Command;
 use crate::raft::Raft;
@@ -55,11 +62,11 @@ pub fn now_millis() -> Millis {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
 }
 
-fn is_forwarded<T>(req: &Request<T>) -> bool {
+pub(crate) fn is_forwarded<T>(req: &Request<T>) -> bool {
     req.metadata().contains_key(FORWARDED_HEADER)
 }
 
-fn forward_request<T>(body: T) -> Request<T> {
+pub(crate) fn forward_request<T>(body: T) -> Request<T> {
     let mut req = Request::new(body);
     req.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
     req.set_timeout(FORWARD_TIMEOUT);
@@ -110,7 +117,7 @@ impl PacketService {
             Route::Leader(addr) => return Ok(Err(addr)),
         };
         let command = make();
-        tracing::debug!(group, packet_id = %command.packet_id(), %command, "propose");
+        tracing::debug!(group, packet_id = ?command.packet_id(), %command, "propose");
         match tokio::time::timeout(PROPOSE_TIMEOUT, raft.client_write(command)).await {
             Err(_) => Err(status::unavailable(format!("group {group}: not committed within {PROPOSE_TIMEOUT:?}; retry"))),
             Ok(Ok(resp)) => Ok(Ok(resp.data)),
@@ -144,9 +151,49 @@ impl PacketService {
         let packet = reader
             .packet(id)
             .map_err(status::internal)?
-            .ok_or_else(|| status::refused(&crate::packet::PacketError::NotFound(id.to_string())))?;
+            .ok_or_else(|| status::refused(&PacketError::NotFound(id.to_string())))?;
         let claims = reader.claims(id).map_err(status::internal)?;
-        Ok(convert::packet_to_pb(&packet, &claims, group))
+        let mut ids = vec![fund_id(id), refund_id(id)];
+        ids.extend(claims.iter().filter(|c| c.opened_at.is_some()).map(|c| pay_id(id, c.share_index)));
+        let mut transfers = convert::Transfers::new();
+        for tid in ids {
+            if let Some(t) = reader.transfer(&tid).map_err(status::internal)? {
+                transfers.insert(tid, t);
+            }
+        }
+        Ok(convert::packet_to_pb(&packet, &claims, &transfers, group))
+    }
+
+    /// Waits (on the leader, which applied the create) until the packet's funding settles.
+    async fn await_funding(&self, group: u32, packet: Packet) -> Result<pb::Packet, Status> {
+        let id = packet.id().clone();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.ctx.payment.fund_timeout_ms);
+        loop {
+            let reader = self.ctx.store.reader(group);
+            let current = reader.packet(&id).map_err(status::internal)?.unwrap_or_else(|| packet.clone());
+            match current.stage {
+                Stage::Open | Stage::Closed => return self.read_packet(group, &id),
+                Stage::FundingFailed => {
+                    let reason = match reader.transfer(&fund_id(&id)).map_err(status::internal)? {
+                        Some(t) => match t.settlement {
+                            Settlement::Aborted { reason } => reason,
+                            other => format!("{other:?}"),
+                        },
+                        None => "unknown".into(),
+                    };
+                    let refusal = PacketError::NotFunded { packet_id: id.to_string(), reason: format!("funding failed: {reason}") };
+                    return Err(status::refused_field("sender", &refusal));
+                }
+                Stage::Funding => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(status::unavailable(format!(
+                    "packet {id}: funding not settled within {} ms (is the payment ledger up?); retry with the same request_id",
+                    self.ctx.payment.fund_timeout_ms
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -200,12 +247,13 @@ impl RedPacket for PacketService {
                 created_at: now,
                 expires_at: now.saturating_add(create.ttl_seconds.saturating_mul(1000)),
                 seed: rand::random(),
+                escrow: self.ctx.payment.escrow_account.clone(),
             })
         };
         match self.propose(group, forwarded, make).await? {
-            Ok(Reply::Created(packet)) => Ok(Response::new(pb::CreatePacketResponse {
-                packet: Some(convert::packet_to_pb(&packet, &[], group)),
-            })),
+            Ok(Reply::Created(packet)) => {
+                Ok(Response::new(pb::CreatePacketResponse { packet: Some(self.await_funding(group, packet).await?) }))
+            }
             Ok(Reply::Refused(e)) => Err(status::refused(&e)),
             Ok(other) => Err(status::internal(format!("unexpected reply to create: {other:?}"))),
             Err(addr) => self.client(&addr)?.create_packet(forward_request(body)).await,

@@ -18,11 +18,20 @@ pub fn refused(err: &PacketError) -> Status {
         PacketError::NotGrabbed { .. } => (Code::FailedPrecondition, Reason::NotGrabbed),
         PacketError::NotARecipient { .. } => (Code::PermissionDenied, Reason::NotARecipient),
         PacketError::DuplicateId(_) => (Code::AlreadyExists, Reason::DuplicateId),
+        PacketError::NotFunded { .. } => (Code::FailedPrecondition, Reason::NotFunded),
     };
     let mut status = Status::new(code, err.to_string());
     if let Ok(v) = reason.as_str_name().parse() {
         status.metadata_mut().insert(REASON_METADATA_KEY, v);
     }
+    status
+}
+
+/// A refusal whose message is prefixed with the field it concerns.
+pub fn refused_field(field: &str, err: &PacketError) -> Status {
+    let base = refused(err);
+    let mut status = Status::new(base.code(), format!("{field}: {err}"));
+    *status.metadata_mut() = base.metadata().clone();
     status
 }
 

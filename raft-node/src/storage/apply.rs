@@ -22,20 +22,27 @@ use crate::packet::OpenOutcome;
 use crate::packet::Packet;
 use crate::packet::PacketError;
 use crate::packet::PacketId;
+use crate::packet::transfer::Settlement;
+use crate::packet::transfer::Transfer;
+use crate::packet::transfer::TransferKind;
 use crate::raft::Command;
 use crate::raft::Reply;
+use crate::raft::SettledTransfer;
 
 /// Pending writes of one apply batch over the committed state of one group.
 pub struct Txn<'a> {
     db: &'a DB,
     group: u32,
     batch: WriteBatch,
-    pending: HashMap<Vec<u8>, Vec<u8>>,
+    /// Values written by earlier entries of this batch (`None`: deleted).
+    pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Whether this batch recorded a transfer the leader must carry out.
+    new_transfers: bool,
 }
 
 impl<'a> Txn<'a> {
     pub fn new(db: &'a DB, group: u32) -> Self {
-        Txn { db, group, batch: WriteBatch::default(), pending: HashMap::new() }
+        Txn { db, group, batch: WriteBatch::default(), pending: HashMap::new(), new_transfers: false }
     }
 
     fn cf(&self) -> &'a rocksdb::ColumnFamily {
@@ -43,8 +50,8 @@ impl<'a> Txn<'a> {
     }
 
     fn get<T: DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
-        if let Some(bytes) = self.pending.get(key) {
-            return Ok(Some(codec::decode(bytes)?));
+        if let Some(value) = self.pending.get(key) {
+            return value.as_deref().map(codec::decode).transpose();
         }
         match self.db.get_cf(self.cf(), key).map_err(io::Error::other)? {
             Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
@@ -55,8 +62,26 @@ impl<'a> Txn<'a> {
     fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) -> io::Result<()> {
         let bytes = codec::encode(value)?;
         self.batch.put_cf(self.cf(), &key, &bytes);
-        self.pending.insert(key, bytes);
+        self.pending.insert(key, Some(bytes));
         Ok(())
+    }
+
+    fn delete(&mut self, key: Vec<u8>) {
+        self.batch.delete_cf(self.cf(), &key);
+        self.pending.insert(key, None);
+    }
+
+    /// Records a new transfer and marks it unsettled, for the leader to carry out.
+    fn record_transfer(&mut self, transfer: &Transfer) -> io::Result<()> {
+        self.put(keys::transfer(self.group, &transfer.id), transfer)?;
+        self.put(keys::unsettled(self.group, &transfer.id), &())?;
+        self.new_transfers = true;
+        Ok(())
+    }
+
+    /// Whether this batch recorded transfers (so the settler should wake up).
+    pub fn recorded_transfers(&self) -> bool {
+        self.new_transfers
     }
 
     /// Hands the collected writes to the caller, who adds the metadata and commits.
@@ -71,6 +96,8 @@ impl<'a> Txn<'a> {
             Command::Create(new) => self.create(new),
             Command::Grab { packet_id, user, at, open } => self.grab(packet_id, user, *at, *open),
             Command::Open { packet_id, user, at } => self.open(packet_id, user, *at),
+            Command::Settle(settled) => self.settle(settled),
+            Command::Expire { packet_ids, at } => self.expire(packet_ids, *at),
         }
     }
 
@@ -91,6 +118,8 @@ impl<'a> Txn<'a> {
         let packet = Packet::new(new.clone());
         self.put(packet_key, &packet)?;
         self.put(request_key, &new.packet_id)?;
+        self.put(keys::expiry(g, new.expires_at, &new.packet_id), &())?;
+        self.record_transfer(&Transfer::fund(new))?;
         Ok(Reply::Created(packet))
     }
 
@@ -136,10 +165,62 @@ impl<'a> Txn<'a> {
                 let id = packet.id().clone();
                 self.put(keys::packet(self.group, &id), &packet)?;
                 self.put(keys::claim(self.group, &id, user), &claim)?;
+                self.record_transfer(&Transfer::pay(&packet.terms, claim.share_index, user, claim.amount))?;
                 Ok(Reply::Opened { claim })
             }
             Ok(OpenOutcome::AlreadyOpen(claim)) => Ok(Reply::Opened { claim }),
             Err(refusal) => Ok(Reply::Refused(refusal)),
         }
+    }
+
+    fn settle(&mut self, settled: &[SettledTransfer]) -> io::Result<Reply> {
+        let g = self.group;
+        let mut count = 0;
+        for s in settled {
+            let key = keys::transfer(g, &s.transfer_id);
+            let Some(mut transfer) = self.get::<Transfer>(&key)? else {
+                tracing::error!(group = g, transfer = %s.transfer_id, "settle of an unknown transfer ignored");
+                continue;
+            };
+            if !transfer.is_pending() {
+                if transfer.settlement != s.outcome {
+                    tracing::error!(group = g, transfer = %s.transfer_id, recorded = ?transfer.settlement, new = ?s.outcome,
+                        "conflicting settlement ignored: the first outcome stands");
+                }
+                continue;
+            }
+            if s.outcome == Settlement::Pending {
+                continue;
+            }
+            transfer.settlement = s.outcome.clone();
+            self.put(key, &transfer)?;
+            self.delete(keys::unsettled(g, &transfer.id));
+            if transfer.kind == TransferKind::Fund {
+                let packet_key = keys::packet(g, &transfer.packet_id);
+                if let Some(mut packet) = self.get::<Packet>(&packet_key)? {
+                    packet.funding_settled(transfer.settlement == Settlement::Committed);
+                    self.put(packet_key, &packet)?;
+                }
+            }
+            count += 1;
+        }
+        Ok(Reply::Settled { count })
+    }
+
+    fn expire(&mut self, packet_ids: &[PacketId], at: u64) -> io::Result<Reply> {
+        let g = self.group;
+        let mut count = 0;
+        for id in packet_ids {
+            let key = keys::packet(g, id);
+            let Some(mut packet) = self.get::<Packet>(&key)? else { continue };
+            let Some(refund) = packet.close(at) else { continue };
+            self.put(key, &packet)?;
+            self.delete(keys::expiry(g, packet.terms.expires_at, id));
+            if refund > 0 {
+                self.record_transfer(&Transfer::refund(&packet.terms, refund))?;
+            }
+            count += 1;
+        }
+        Ok(Reply::Closed { count })
     }
 }

@@ -11,6 +11,9 @@
 //! | `sm`       | group · `P` · packet id                          | packet                     |
 //! | `sm`       | group · `C` · packet id · user                   | claim (a user's share)     |
 //! | `sm`       | group · `R` · sender · 0x00 · request id         | packet id (create dedup)   |
+//! | `sm`       | group · `T` · transfer id                        | transfer (money movement)  |
+//! | `sm`       | group · `U` · transfer id                        | (empty) unsettled index    |
+//! | `sm`       | group · `E` · expires_at (u64 BE) · packet id    | (empty) expiry schedule    |
 //! | `node`     | `node_id` / `groups`                             | this node's identity       |
 //!
 //! Big-endian integers keep keys in numeric order, so a group's log is one contiguous range
@@ -33,6 +36,9 @@ pub const RAFT_COMMITTED: u8 = b'c';
 const TAG_PACKET: u8 = b'P';
 const TAG_CLAIM: u8 = b'C';
 const TAG_REQUEST: u8 = b'R';
+const TAG_TRANSFER: u8 = b'T';
+const TAG_UNSETTLED: u8 = b'U';
+const TAG_EXPIRY: u8 = b'E';
 
 pub const NODE_ID: &[u8] = b"node_id";
 pub const NODE_GROUPS: &[u8] = b"groups";
@@ -93,6 +99,54 @@ pub fn claims_of(group: u32, id: &PacketId) -> Vec<u8> {
 
 pub fn request(group: u32, sender: &str, request_id: &str) -> Vec<u8> {
     with_tag(group, TAG_REQUEST, &[sender.as_bytes(), &[0], request_id.as_bytes()])
+}
+
+pub fn transfer(group: u32, id: &str) -> Vec<u8> {
+    with_tag(group, TAG_TRANSFER, &[id.as_bytes()])
+}
+
+pub fn transfer_all(group: u32) -> Vec<u8> {
+    with_tag(group, TAG_TRANSFER, &[])
+}
+
+pub fn packet_all(group: u32) -> Vec<u8> {
+    with_tag(group, TAG_PACKET, &[])
+}
+
+pub fn unsettled(group: u32, id: &str) -> Vec<u8> {
+    with_tag(group, TAG_UNSETTLED, &[id.as_bytes()])
+}
+
+/// Prefix of the unsettled-transfer index of a group.
+pub fn unsettled_all(group: u32) -> Vec<u8> {
+    with_tag(group, TAG_UNSETTLED, &[])
+}
+
+pub fn expiry(group: u32, expires_at: u64, id: &PacketId) -> Vec<u8> {
+    with_tag(group, TAG_EXPIRY, &[&expires_at.to_be_bytes(), id.as_str().as_bytes()])
+}
+
+/// Prefix of the expiry schedule of a group.
+pub fn expiry_all(group: u32) -> Vec<u8> {
+    with_tag(group, TAG_EXPIRY, &[])
+}
+
+/// The packet id at the end of an expiry key, and its expiry time.
+pub fn parse_expiry(key: &[u8]) -> Option<(u64, &str)> {
+    let time = u64::from_be_bytes(key.get(5..13)?.try_into().ok()?);
+    Some((time, std::str::from_utf8(key.get(13..)?).ok()?))
+}
+
+/// All keys of a group starting with `prefix` lie in `[prefix, prefix_end(prefix))`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; prefix.len() + 1]
 }
 
 #[cfg(test)]

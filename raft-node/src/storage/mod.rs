@@ -25,6 +25,7 @@ use self::wal_sync::WalSyncer;
 use crate::packet::Claim;
 use crate::packet::Packet;
 use crate::packet::PacketId;
+use crate::packet::transfer::Transfer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -46,6 +47,8 @@ pub struct Store {
     db: Arc<DB>,
     wal: WalSyncer,
     snapshot_dir: PathBuf,
+    /// Signalled when an apply records a transfer, so the settler acts at once.
+    settle_wake: Arc<tokio::sync::Notify>,
 }
 
 impl Store {
@@ -75,7 +78,7 @@ impl Store {
         let db = DB::open_cf_descriptors(&opts, &db_path, cfs)
             .map_err(|source| StoreError::Open { path: db_path.clone(), source })?;
         let db = Arc::new(db);
-        let store = Store { wal: WalSyncer::start(&db), db, snapshot_dir };
+        let store = Store { wal: WalSyncer::start(&db), db, snapshot_dir, settle_wake: Arc::default() };
         store.check_identity(&db_path, node_id, groups)?;
         Ok(store)
     }
@@ -109,7 +112,12 @@ impl Store {
     }
 
     pub fn state_machine(&self, group: u32) -> GroupStateMachine {
-        GroupStateMachine::new(self.db.clone(), group, self.snapshot_dir.clone())
+        GroupStateMachine::new(self.db.clone(), group, self.snapshot_dir.clone(), self.settle_wake.clone())
+    }
+
+    /// Woken when any group records a new transfer.
+    pub fn settle_wake(&self) -> &Arc<tokio::sync::Notify> {
+        &self.settle_wake
     }
 
     /// Reads of one group's applied state.
@@ -155,6 +163,78 @@ impl StateReader<'_> {
         }
         claims.sort_by_key(|c| c.share_index);
         Ok(claims)
+    }
+
+    pub fn transfer(&self, id: &str) -> io::Result<Option<Transfer>> {
+        self.get(&keys::transfer(self.group, id))
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
+        let cf = self.db.cf_handle(keys::CF_SM).expect("cf sm");
+        match self.db.get_cf(cf, key).map_err(io::Error::other)? {
+            Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Keys (and values) under `prefix`, at most `limit`.
+    fn scan(&self, prefix: &[u8], limit: usize) -> io::Result<Vec<(Box<[u8]>, Box<[u8]>)>> {
+        let cf = self.db.cf_handle(keys::CF_SM).expect("cf sm");
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::prefix_end(prefix));
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward)) {
+            if out.len() >= limit {
+                break;
+            }
+            out.push(item.map_err(io::Error::other)?);
+        }
+        Ok(out)
+    }
+
+    /// Transfers recorded but not yet settled, oldest id first.
+    pub fn unsettled(&self, limit: usize) -> io::Result<Vec<Transfer>> {
+        let prefix = keys::unsettled_all(self.group);
+        let mut out = Vec::new();
+        for (k, _) in self.scan(&prefix, limit)? {
+            let id = std::str::from_utf8(&k[prefix.len()..]).map_err(io::Error::other)?;
+            if let Some(t) = self.transfer(id)? {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Packets whose expiry time is at or before `now` and that are not closed yet.
+    pub fn expired(&self, now: u64, limit: usize) -> io::Result<Vec<PacketId>> {
+        let mut out = Vec::new();
+        for (k, _) in self.scan(&keys::expiry_all(self.group), limit)? {
+            let Some((at, id)) = keys::parse_expiry(&k) else { continue };
+            if at > now {
+                break;
+            }
+            out.push(PacketId::parse(id).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// Every packet and transfer of the group, from one consistent RocksDB snapshot, for
+    /// reconciliation.
+    pub fn dump(&self) -> io::Result<(Vec<Packet>, Vec<Transfer>)> {
+        let snap = self.db.snapshot();
+        let cf = self.db.cf_handle(keys::CF_SM).expect("cf sm");
+        let read_all = |prefix: Vec<u8>| -> io::Result<Vec<Box<[u8]>>> {
+            let mut opts = ReadOptions::default();
+            opts.set_iterate_upper_bound(keys::prefix_end(&prefix));
+            let mut out = Vec::new();
+            for item in snap.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward)) {
+                out.push(item.map_err(io::Error::other)?.1);
+            }
+            Ok(out)
+        };
+        let packets = read_all(keys::packet_all(self.group))?.iter().map(|v| codec::decode(v)).collect::<io::Result<_>>()?;
+        let transfers = read_all(keys::transfer_all(self.group))?.iter().map(|v| codec::decode(v)).collect::<io::Result<_>>()?;
+        Ok((packets, transfers))
     }
 
     pub fn applied(&self) -> io::Result<AppliedState> {

@@ -53,12 +53,13 @@ pub struct GroupStateMachine {
     db: Arc<DB>,
     group: u32,
     snapshot_path: PathBuf,
+    settle_wake: Arc<tokio::sync::Notify>,
 }
 
 impl GroupStateMachine {
-    pub fn new(db: Arc<DB>, group: u32, snapshot_dir: PathBuf) -> Self {
+    pub fn new(db: Arc<DB>, group: u32, snapshot_dir: PathBuf, settle_wake: Arc<tokio::sync::Notify>) -> Self {
         let snapshot_path = snapshot_dir.join(format!("group-{group:04}.snap"));
-        GroupStateMachine { db, group, snapshot_path }
+        GroupStateMachine { db, group, snapshot_path, settle_wake }
     }
 
     pub fn group(&self) -> u32 {
@@ -188,7 +189,13 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         let mut state = self.applied_state_now()?;
         let mut txn = Txn::new(&db, self.group);
         let mut replies = Vec::new();
+        let mut applied = 0usize;
         while let Some((entry, responder)) = entries.try_next().await? {
+            applied += 1;
+            if applied == 2 {
+                // Crash in the middle of a batch: nothing of it may reach the state.
+                fail::fail_point!("apply-mid-batch", |_| std::process::abort());
+            }
             let log_id = entry.log_id();
             let reply = match entry.payload {
                 EntryPayload::Blank => Reply::Empty,
@@ -203,12 +210,16 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                 replies.push((responder, reply));
             }
         }
+        let wake = txn.recorded_transfers();
         let mut batch: WriteBatch = txn.into_batch();
         let cf_meta = db.cf_handle(keys::CF_SM_META).expect("cf sm_meta");
         batch.put_cf(cf_meta, keys::group_prefix(self.group), codec::encode(&state)?);
         // Not synced: the log entries are already durable, and RocksDB's single WAL recovers
         // a prefix, so a crash loses at most a suffix of applies that Raft will redo.
         db.write(batch).map_err(io::Error::other)?;
+        if wake {
+            self.settle_wake.notify_one();
+        }
         for (responder, reply) in replies {
             responder.send(reply);
         }

@@ -1,0 +1,163 @@
+//! Carrying out the money movements the log recorded.
+//!
+//! Every transfer (funding, payment, refund) is first recorded in a group's state machine
+//! as pending. The group leader then carries it out against the payment ledger, prepare then
+//! commit, and proposes a `Settle` entry with the ledger's final word. A new leader (after a
+//! failover or restart) finds every pending transfer in the unsettled index and does the same:
+//! the ledger is idempotent by transfer id, so a transfer interrupted anywhere is completed
+//! exactly once, never executed twice, never forgotten.
+//!
+//! Only funding can fail (insufficient funds, unknown account): the leader then aborts the
+//! transfer, and the outcome recorded is whatever the ledger says it finally is, so two
+//! leaders racing on one transfer always record the same outcome. Payments and refunds come
+//! out of escrow, which the funding filled; they are retried until they commit.
+//!
+//! The same loop closes expired packets: it proposes `Expire` with the leader's clock, and
+//! the state machine records the refund.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redpacket_proto::payment as pb;
+use redpacket_proto::payment::payment_ledger_client::PaymentLedgerClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::packet::transfer::Settlement;
+use crate::packet::transfer::Transfer;
+use crate::packet::transfer::TransferKind;
+use crate::raft::Command;
+use crate::raft::Raft;
+use crate::raft::SettledTransfer;
+use crate::raft::groups::Groups;
+use crate::service::packets::now_millis;
+use crate::storage::Store;
+
+/// Transfers carried out at once per group and round.
+const BATCH: usize = 256;
+/// Deadline of one ledger call.
+const LEDGER_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn ledger_client(endpoint: &str) -> anyhow::Result<PaymentLedgerClient<Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(PaymentLedgerClient::new(channel))
+}
+
+/// Runs until aborted: settles and expires on every group this node leads.
+pub async fn run(groups: Arc<Groups>, store: Store, ledger: PaymentLedgerClient<Channel>, interval: Duration) {
+    loop {
+        tokio::select! {
+            _ = store.settle_wake().notified() => {}
+            _ = tokio::time::sleep(interval) => {}
+        }
+        for (group, raft) in groups.all() {
+            if !raft.is_leader() {
+                continue;
+            }
+            if let Err(e) = settle_group(group, raft, &store, ledger.clone()).await {
+                tracing::warn!(group, "settlement round: {e}");
+            }
+            if let Err(e) = expire_group(group, raft, &store).await {
+                tracing::warn!(group, "expiry round: {e}");
+            }
+        }
+    }
+}
+
+async fn settle_group(group: u32, raft: &Raft, store: &Store, ledger: PaymentLedgerClient<Channel>) -> anyhow::Result<()> {
+    let pending = store.reader(group).unsettled(BATCH)?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let outcomes = futures::future::join_all(pending.iter().map(|t| execute(ledger.clone(), t))).await;
+    let settled: Vec<SettledTransfer> = pending
+        .iter()
+        .zip(outcomes)
+        .filter_map(|(t, outcome)| outcome.map(|outcome| SettledTransfer { transfer_id: t.id.clone(), outcome }))
+        .collect();
+    if settled.is_empty() {
+        return Ok(());
+    }
+    // Crash after the ledger moved the money but before the log knows: the next leader
+    // must find the transfer pending, re-run it (a no-op at the ledger) and settle it.
+    fail::fail_point!("settle-after-commit", |_| std::process::abort());
+    tracing::debug!(group, count = settled.len(), "settling transfers");
+    raft.client_write(Command::Settle(settled)).await?;
+    Ok(())
+}
+
+async fn expire_group(group: u32, raft: &Raft, store: &Store) -> anyhow::Result<()> {
+    let now = now_millis();
+    let expired = store.reader(group).expired(now, BATCH)?;
+    if expired.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(group, count = expired.len(), "closing expired packets");
+    raft.client_write(Command::Expire { packet_ids: expired, at: now }).await?;
+    Ok(())
+}
+
+fn request<T>(body: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(body);
+    req.set_timeout(LEDGER_TIMEOUT);
+    req
+}
+
+/// A refusal that retrying cannot change.
+fn is_definitive(status: &tonic::Status) -> bool {
+    matches!(status.code(), Code::FailedPrecondition | Code::NotFound | Code::AlreadyExists | Code::InvalidArgument | Code::OutOfRange)
+}
+
+/// Carries out one transfer. `None` means "not decided yet" (the ledger is unreachable or
+/// slow): the transfer stays pending and the next round tries again.
+async fn execute(mut ledger: PaymentLedgerClient<Channel>, t: &Transfer) -> Option<Settlement> {
+    let prepare = pb::PrepareRequest {
+        transfer_id: t.id.clone(),
+        from_account: t.from.clone(),
+        to_account: t.to.clone(),
+        amount_cents: t.amount,
+    };
+    match ledger.prepare(request(prepare)).await {
+        Ok(_) => {}
+        Err(status) if is_definitive(&status) && t.kind == TransferKind::Fund => {
+            return abort(&mut ledger, t, status.message()).await;
+        }
+        Err(status) if is_definitive(&status) => {
+            tracing::error!(transfer = %t.id, packet_id = %t.packet_id, "ledger refused a {:?}: {status}; will retry", t.kind);
+            return None;
+        }
+        Err(status) => {
+            tracing::debug!(transfer = %t.id, "prepare not answered: {status}");
+            return None;
+        }
+    }
+    // Crash between the two phases: the hold stays until a leader commits it.
+    fail::fail_point!("settle-after-prepare", |_| std::process::abort());
+    match ledger.commit(request(pb::TransferIdRequest { transfer_id: t.id.clone() })).await {
+        Ok(_) => Some(Settlement::Committed),
+        Err(status) if status.code() == Code::FailedPrecondition => {
+            // Another leader aborted it first; the ledger's word stands.
+            Some(Settlement::Aborted { reason: status.message().to_string() })
+        }
+        Err(status) => {
+            tracing::debug!(transfer = %t.id, "commit not answered: {status}");
+            None
+        }
+    }
+}
+
+/// Abandons a funding transfer the ledger refused; records whatever the ledger finally says.
+async fn abort(ledger: &mut PaymentLedgerClient<Channel>, t: &Transfer, reason: &str) -> Option<Settlement> {
+    match ledger.abort(request(pb::TransferIdRequest { transfer_id: t.id.clone() })).await {
+        Ok(_) => Some(Settlement::Aborted { reason: reason.to_string() }),
+        // Committed by another leader after all.
+        Err(status) if status.code() == Code::FailedPrecondition => Some(Settlement::Committed),
+        Err(status) => {
+            tracing::debug!(transfer = %t.id, "abort not answered: {status}");
+            None
+        }
+    }
+}
