@@ -18,6 +18,7 @@
 //! ```
 
 mod error;
+pub mod ledger;
 pub mod money;
 
 use std::future::Future;
@@ -33,7 +34,10 @@ use redpacket_proto::v1::cluster_admin_client::ClusterAdminClient;
 use redpacket_proto::v1::red_packet_client::RedPacketClient;
 pub use redpacket_proto::v1::NodeStatus;
 pub use redpacket_proto::v1::Packet;
+pub use redpacket_proto::v1::PacketStage;
 pub use redpacket_proto::v1::ReadConsistency;
+pub use redpacket_proto::v1::ReconcileReport;
+pub use redpacket_proto::v1::Settlement;
 use tokio::time::Instant;
 use tonic::Status;
 use tonic::transport::Channel;
@@ -282,6 +286,26 @@ impl Client {
             let req = req.clone();
             async move { ClusterAdminClient::new(ch).init(req).await }
         }).await?.groups)
+    }
+
+    /// Checks that every cent is where it should be: packets, their transfers and the
+    /// ledger. The report lists each mismatch with its packet and transfer.
+    pub async fn reconcile(&self) -> Result<ReconcileReport, Error> {
+        self.retry(|ch| async move {
+            ClusterAdminClient::new(ch).max_decoding_message_size(256 << 20).reconcile(pb::ReconcileRequest {}).await
+        })
+        .await
+    }
+
+    /// Configures a failpoint on the first endpoint's node (test builds only).
+    pub async fn set_failpoint(&self, name: &str, actions: &str) -> Result<(), Error> {
+        let req = pb::FailpointRequest { name: name.into(), actions: actions.into() };
+        self.retry(|ch| {
+            let req = req.clone();
+            async move { ClusterAdminClient::new(ch).set_failpoint(req).await }
+        })
+        .await?;
+        Ok(())
     }
 
     /// The status of every endpoint: `Err` for a node that did not answer (down).

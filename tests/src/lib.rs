@@ -19,6 +19,8 @@ use redpacket_node::config::RaftSettings;
 use redpacket_node::packet::Limits;
 use tokio::time::Instant;
 
+static DEPOSITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Settings of a test cluster.
 #[derive(Clone)]
 pub struct ClusterSpec {
@@ -55,8 +57,17 @@ pub struct TestNode {
     child: Option<Child>,
 }
 
+/// The payment ledger process of a test cluster.
+pub struct TestLedger {
+    pub addr: String,
+    pub log_path: PathBuf,
+    data_dir: PathBuf,
+    child: Option<Child>,
+}
+
 pub struct Cluster {
     pub nodes: BTreeMap<u64, TestNode>,
+    pub ledger: TestLedger,
     pub spec: ClusterSpec,
     dir: tempfile::TempDir,
 }
@@ -64,12 +75,32 @@ pub struct Cluster {
 /// The node binary: `REDPACKET_NODE_BIN` if set, else `rp-test-node` from this build's
 /// target directory (cargo builds a package's binaries before running its tests).
 fn node_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("REDPACKET_NODE_BIN") {
+    test_binary("REDPACKET_NODE_BIN", "rp-test-node")
+}
+
+fn payment_binary() -> PathBuf {
+    test_binary("REDPACKET_PAYMENT_BIN", "rp-test-payment")
+}
+
+fn test_binary(env: &str, name: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test binary>  ->  target/<profile>/rp-test-node
-    exe.parent().and_then(|deps| deps.parent()).map(|dir| dir.join("rp-test-node")).expect("target dir")
+    // target/<profile>/deps/<test binary>  ->  target/<profile>/<name>
+    exe.parent().and_then(|deps| deps.parent()).map(|dir| dir.join(name)).expect("target dir")
+}
+
+fn spawn(binary: &PathBuf, args: &[&std::ffi::OsStr], log_path: &PathBuf) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
+    Command::new(binary)
+        .args(args)
+        .env("RUST_LOG", std::env::var("REDPACKET_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+        .env_remove("RUST_BACKTRACE")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))
 }
 
 /// A port nobody listens on right now.
@@ -81,6 +112,12 @@ impl Cluster {
     /// Starts the nodes and bootstraps the cluster; returns once every group has a leader.
     pub async fn start(spec: ClusterSpec) -> anyhow::Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("redpacket-e2e-").tempdir()?;
+        let ledger = TestLedger {
+            addr: format!("127.0.0.1:{}", free_port()),
+            log_path: dir.path().join("payment.log"),
+            data_dir: dir.path().join("payment"),
+            child: None,
+        };
         let mut nodes = BTreeMap::new();
         for id in 1..=spec.nodes {
             let port = free_port();
@@ -88,12 +125,15 @@ impl Cluster {
             config.groups = spec.groups;
             config.raft = spec.raft.clone();
             config.limits = spec.limits.clone();
+            config.payment.endpoint = ledger.addr.clone();
+            config.payment.settle_interval_ms = 100;
             let config_path = dir.path().join(format!("node-{id}.toml"));
             std::fs::write(&config_path, toml::to_string(&config)?)?;
             let log_path = dir.path().join(format!("node-{id}.log"));
             nodes.insert(id, TestNode { id, addr: config.advertise_addr(), config_path, log_path, child: None });
         }
-        let mut cluster = Cluster { nodes, spec, dir };
+        let mut cluster = Cluster { nodes, ledger, spec, dir };
+        cluster.start_ledger()?;
         for id in cluster.node_ids() {
             cluster.start_node(id)?;
         }
@@ -120,18 +160,61 @@ impl Cluster {
         if node.child.is_some() {
             bail!("node {id} is already running");
         }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log_path)?;
-        let child = Command::new(node_binary())
-            .arg("--config")
-            .arg(&node.config_path)
-            .env("RUST_LOG", std::env::var("REDPACKET_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
-            .env_remove("RUST_BACKTRACE")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", node_binary().display()))?;
+        let child = spawn(&node_binary(), &["--config".as_ref(), node.config_path.as_os_str()], &node.log_path)?;
         node.child = Some(child);
         Ok(())
+    }
+
+    /// Starts (or restarts) the payment ledger on its data directory.
+    pub fn start_ledger(&mut self) -> anyhow::Result<()> {
+        let l = &mut self.ledger;
+        if l.child.is_some() {
+            bail!("the ledger is already running");
+        }
+        let args = ["--listen-addr".as_ref(), l.addr.as_ref(), "--data-dir".as_ref(), l.data_dir.as_os_str()];
+        l.child = Some(spawn(&payment_binary(), &args, &l.log_path)?);
+        Ok(())
+    }
+
+    /// SIGKILLs the payment ledger.
+    pub fn kill_ledger(&mut self) {
+        if let Some(mut child) = self.ledger.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A client of the payment ledger.
+    pub fn ledger(&self) -> redpacket_client::ledger::Ledger {
+        redpacket_client::ledger::Ledger::connect(&self.ledger.addr).expect("ledger client")
+    }
+
+    /// Gives `account` money in the ledger (waiting for the ledger to be up).
+    pub async fn deposit(&self, account: &str, cents: u64) -> anyhow::Result<()> {
+        let id = format!("test-deposit:{account}:{cents}:{}", DEPOSITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.ledger().deposit(&id, account, cents).await {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!("deposit: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Runs `reconcile` until no transfer is pending (or 30 s pass) and returns the report.
+    pub async fn settled_reconcile(&self) -> anyhow::Result<redpacket_client::ReconcileReport> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let report = self.client().reconcile().await?;
+            if report.pending_transfers == 0 || Instant::now() > deadline {
+                return Ok(report);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// SIGKILL: the process dies at once, as on a power cut (nothing is flushed by it).
@@ -231,6 +314,7 @@ impl Drop for Cluster {
         for id in self.node_ids() {
             self.kill(id);
         }
+        self.kill_ledger();
         if std::thread::panicking() {
             // Keep the data and logs of a failed test for inspection.
             let path = self.dir.path().to_path_buf();

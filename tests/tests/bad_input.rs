@@ -44,6 +44,7 @@ async fn log_positions(cluster: &Cluster) -> Vec<Option<u64>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_requests_name_the_field_and_change_nothing() {
     let cluster = Cluster::start(ClusterSpec::default()).await.unwrap();
+    cluster.deposit("alice", 100_000).await.unwrap();
     let addr = format!("http://{}", cluster.nodes[&1].addr);
     let mut rpc = RedPacketClient::connect(addr).await.unwrap();
 
@@ -128,6 +129,7 @@ async fn rejected_requests_name_the_field_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recipients_retries_and_sold_out_behave_as_specified() {
     let cluster = Cluster::start(ClusterSpec::default()).await.unwrap();
+    cluster.deposit("alice", 100_000).await.unwrap();
     let client = cluster.client();
     use redpacket_client::Error;
     use redpacket_client::NewPacket;

@@ -12,6 +12,7 @@ use redpacket_client::Error;
 use redpacket_client::NewPacket;
 use redpacket_client::ReadConsistency;
 use redpacket_client::Recipients;
+use redpacket_client::Settlement;
 use redpacket_tests::Cluster;
 use redpacket_tests::ClusterSpec;
 
@@ -22,6 +23,7 @@ const TOTAL: u64 = 20_000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_users_race_for_a_hundred_shares_across_a_leader_kill() {
     let mut cluster = Cluster::start(ClusterSpec::default()).await.unwrap();
+    cluster.deposit("sender", TOTAL).await.unwrap();
     let client = cluster.client();
     let members: Vec<String> = (0..USERS).map(|i| format!("user-{i:03}")).collect();
     let packet = client
@@ -89,15 +91,27 @@ async fn two_hundred_users_race_for_a_hundred_shares_across_a_leader_kill() {
     }
     assert_eq!(stored.claims.iter().filter(|c| c.best_luck).count(), 1, "one best-luck share");
 
-    // The killed node comes back, catches up, and every replica agrees.
+    // The killed node comes back. Once every payment settled, reconciliation is clean, every
+    // winner was paid exactly their amount, the sender paid the total, and all three
+    // replicas report the same packet state.
     cluster.start_node(leader).unwrap();
+    let report = cluster.settled_reconcile().await.unwrap();
+    assert!(report.mismatches.is_empty(), "reconcile: {report:#?}");
+    assert_eq!((report.pending_transfers, report.funded_cents, report.paid_cents), (0, TOTAL, TOTAL));
+    let ledger = cluster.ledger();
+    assert_eq!(ledger.balance("sender").await.unwrap().available_cents, 0);
+    for (user, share) in &won {
+        assert_eq!(ledger.balance(user).await.unwrap().available_cents, share.amount_cents, "{user}'s wallet");
+    }
+    let settled = client.get_packet(&packet.packet_id).await.unwrap();
+    assert!(settled.claims.iter().all(|c| c.payment == Settlement::Settled as i32), "every payment settled");
     let mut last = Vec::new();
     for _ in 0..300 {
         last.clear();
         for id in cluster.node_ids() {
             last.push(cluster.client_of(id).get_packet_with(&packet.packet_id, ReadConsistency::Local).await.ok());
         }
-        if last.iter().all(|p| p.as_ref() == Some(&stored)) {
+        if last.iter().all(|p| p.as_ref() == Some(&settled)) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
