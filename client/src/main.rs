@@ -20,6 +20,9 @@ struct Cli {
     /// Comma-separated node addresses; any node serves any request.
     #[arg(long, env = "REDPACKET_ENDPOINTS", default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003", global = true)]
     endpoints: String,
+    /// The payment ledger (for `wallet`).
+    #[arg(long, env = "REDPACKET_PAYMENT", default_value = "127.0.0.1:7100", global = true)]
+    payment: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -81,10 +84,38 @@ enum Command {
         #[arg(long)]
         local: bool,
     },
+    /// Check that every cent is where it should be; exits non-zero on any mismatch.
+    Reconcile,
+    /// Money in the payment ledger (the stand-in for the bank).
+    Wallet {
+        #[command(subcommand)]
+        command: WalletCommand,
+    },
     /// Cluster administration.
     Admin {
         #[command(subcommand)]
         command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WalletCommand {
+    /// Add money to an account (opening it if needed).
+    Deposit {
+        #[arg(long)]
+        account: String,
+        /// Yuan, e.g. 100.00.
+        #[arg(long)]
+        amount: String,
+        /// Idempotency key (default: random).
+        #[arg(long)]
+        deposit_id: Option<String>,
+    },
+    /// Show accounts' balances.
+    Balance {
+        /// Account ids.
+        #[arg(required = true)]
+        accounts: Vec<String>,
     },
 }
 
@@ -164,6 +195,45 @@ async fn run() -> anyhow::Result<()> {
             println!("initialized {groups} groups on nodes {}", ids.join(", "));
         }
         Command::Admin { command: AdminCommand::Status } => print_status(&client).await,
+        Command::Reconcile => {
+            let r = client.reconcile().await?;
+            println!(
+                "{} packets, {} transfers ({} pending) · funded {} · paid {} · refunded {} · in escrow {} (escrow account holds {}) · ledger {}",
+                r.packets,
+                r.transfers,
+                r.pending_transfers,
+                format_yuan(r.funded_cents),
+                format_yuan(r.paid_cents),
+                format_yuan(r.refunded_cents),
+                format_yuan(r.in_escrow_cents),
+                format_yuan(r.escrow_balance_cents),
+                if r.ledger_conserved { "conserved" } else { "NOT CONSERVED" }
+            );
+            for m in &r.mismatches {
+                println!("MISMATCH packet={} transfer={}: {}", m.packet_id, m.transfer_id, m.problem);
+            }
+            if !r.mismatches.is_empty() {
+                bail!("{} mismatches", r.mismatches.len());
+            }
+            println!("reconcile: clean");
+        }
+        Command::Wallet { command } => {
+            let ledger = redpacket_client::ledger::Ledger::connect(&cli.payment)?;
+            match command {
+                WalletCommand::Deposit { account, amount, deposit_id } => {
+                    let cents = parse_yuan(&amount)?;
+                    let id = deposit_id.unwrap_or_else(|| format!("cli:{:032x}", rand::random::<u128>()));
+                    let b = ledger.deposit(&id, &account, cents).await?;
+                    println!("{account}: {} yuan available", format_yuan(b.available_cents));
+                }
+                WalletCommand::Balance { accounts } => {
+                    for account in accounts {
+                        let b = ledger.balance(&account).await?;
+                        println!("{account:<20} {:>12} available {:>12} held", format_yuan(b.available_cents), format_yuan(b.held_cents));
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -180,16 +250,42 @@ fn print_packet(p: &Packet) {
         if p.message.is_empty() { "(no message)" } else { &p.message }
     );
     println!(
-        "  grabbed {}/{} · opened {} · unopened {} yuan",
+        "  {} · grabbed {}/{} · opened {} · unopened {} yuan{}",
+        stage_name(p.stage),
         p.shares_grabbed,
         p.shares,
         p.shares_opened,
-        format_yuan(p.remaining_cents)
+        format_yuan(p.remaining_cents),
+        if p.refunded_cents > 0 {
+            format!(" · refunded {} yuan ({})", format_yuan(p.refunded_cents), settlement_name(p.refund))
+        } else {
+            String::new()
+        }
     );
     for c in &p.claims {
         let amount = c.amount_cents.map(format_yuan).unwrap_or_else(|| "(unopened)".into());
         let best = if c.best_luck { "  ★ best luck" } else { "" };
-        println!("  #{:<4} {:<20} {:>10}{best}", c.share_index + 1, c.user, amount);
+        let paid = if c.amount_cents.is_some() { settlement_name(c.payment) } else { "" };
+        println!("  #{:<4} {:<20} {:>10}  {paid:<8}{best}", c.share_index + 1, c.user, amount);
+    }
+}
+
+fn stage_name(stage: i32) -> &'static str {
+    match redpacket_client::PacketStage::try_from(stage) {
+        Ok(redpacket_client::PacketStage::Funding) => "funding",
+        Ok(redpacket_client::PacketStage::Open) => "open",
+        Ok(redpacket_client::PacketStage::FundingFailed) => "funding failed",
+        Ok(redpacket_client::PacketStage::Closed) => "closed",
+        _ => "?",
+    }
+}
+
+fn settlement_name(s: i32) -> &'static str {
+    match redpacket_client::Settlement::try_from(s) {
+        Ok(redpacket_client::Settlement::Pending) => "pending",
+        Ok(redpacket_client::Settlement::Settled) => "paid",
+        Ok(redpacket_client::Settlement::Failed) => "failed",
+        _ => "",
     }
 }
 

@@ -10,6 +10,7 @@ use redpacket_proto::v1 as pb;
 use redpacket_proto::v1::cluster_admin_client::ClusterAdminClient;
 
 use crate::config::NodeConfig;
+use crate::ledger::service::LedgerConfig;
 use crate::node;
 
 pub async fn run(dir: PathBuf, base_port: u16, nodes: u64) -> anyhow::Result<()> {
@@ -20,9 +21,19 @@ pub async fn run(dir: PathBuf, base_port: u16, nodes: u64) -> anyhow::Result<()>
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut members = Vec::new();
     let mut tasks = Vec::new();
+
+    // The payment ledger, in-process, on base_port + 99 (7100 by default).
+    let ledger_addr = std::net::SocketAddr::from(([127, 0, 0, 1], base_port + 99));
+    let ledger = LedgerConfig { listen_addr: ledger_addr, data_dir: dir.join("payment"), faults: Default::default() };
+    let mut rx = stop_rx.clone();
+    tasks.push(tokio::spawn(crate::ledger::service::run(ledger, async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    })));
+
     for id in 1..=nodes {
         let port = base_port + (id - 1) as u16;
-        let config = NodeConfig::local(id, port, dir.join(format!("node-{id}")));
+        let mut config = NodeConfig::local(id, port, dir.join(format!("node-{id}")));
+        config.payment.endpoint = ledger_addr.to_string();
         members.push(pb::Member { node_id: id, addr: config.advertise_addr() });
         let mut rx = stop_rx.clone();
         tasks.push(tokio::spawn(node::run(config, async move {
@@ -43,8 +54,9 @@ pub async fn run(dir: PathBuf, base_port: u16, nodes: u64) -> anyhow::Result<()>
         println!("cluster initialized");
     }
     let endpoints: Vec<&str> = members.iter().map(|m| m.addr.as_str()).collect();
-    println!("endpoints: {}", endpoints.join(","));
-    println!("try:  cargo run -p redpacket-client --bin redpacket -- send --from alice --total 10.00 --shares 3 --anyone");
+    println!("endpoints: {}  ·  payment ledger: {ledger_addr}", endpoints.join(","));
+    println!("try:  redpacket wallet deposit --account alice --amount 100.00");
+    println!("      redpacket send --from alice --total 10.00 --shares 3 --anyone");
     println!("press Ctrl-C to stop");
 
     tokio::select! {
