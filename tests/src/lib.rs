@@ -127,6 +127,7 @@ impl Cluster {
             config.limits = spec.limits.clone();
             config.payment.endpoint = ledger.addr.clone();
             config.payment.settle_interval_ms = 100;
+            config.payment.fund_timeout_ms = 3000;
             let config_path = dir.path().join(format!("node-{id}.toml"));
             std::fs::write(&config_path, toml::to_string(&config)?)?;
             let log_path = dir.path().join(format!("node-{id}.log"));
@@ -243,6 +244,11 @@ impl Cluster {
         Client::connect(self.nodes.values().map(|n| n.addr.as_str()))
             .expect("client")
             .with_retry_policy(RetryPolicy { deadline: Duration::from_secs(60), ..RetryPolicy::default() })
+    }
+
+    /// The group of the packet `sender`'s request `request_id` creates.
+    pub fn group_of_request(&self, sender: &str, request_id: &str) -> u32 {
+        redpacket_node::packet::PacketId::derive(sender, request_id, 0).group(self.spec.groups)
     }
 
     /// A client talking to node `id` only.
