@@ -138,3 +138,81 @@ pub fn check(packets: &[Packet], transfers: &[Transfer], ledger: &LedgerView, or
     }
     report
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::Kind;
+    use crate::packet::NewPacket;
+    use crate::packet::PacketId;
+    use crate::packet::Recipients;
+
+    fn setup() -> (Vec<Packet>, Vec<Transfer>, LedgerView) {
+        let terms = NewPacket {
+            packet_id: PacketId::parse("20261123000000000000000000000001").unwrap(),
+            request_id: "r".into(),
+            sender: "alice".into(),
+            total: 300,
+            shares: 3,
+            kind: Kind::Lucky,
+            recipients: Recipients::Anyone,
+            message: String::new(),
+            created_at: 0,
+            expires_at: 1000,
+            seed: [1; 32],
+            escrow: "escrow".into(),
+        };
+        let mut p = Packet::new(terms.clone());
+        p.funding_settled(true);
+        let claim = p.grab("bob", None, 10).unwrap().claim().clone();
+        let claim = p.open("bob", Some(&claim), 10).unwrap().claim().clone();
+        let mut fund = Transfer::fund(&terms);
+        fund.settlement = Settlement::Committed;
+        let mut pay = Transfer::pay(&terms, 0, "bob", claim.amount);
+        pay.settlement = Settlement::Committed;
+        let ledger_of = |t: &Transfer| ledger::Transfer {
+            id: t.id.clone(),
+            from: t.from.clone(),
+            to: t.to.clone(),
+            amount: t.amount,
+            state: ledger::TransferState::Committed,
+        };
+        let view = LedgerView {
+            transfers: [(fund.id.clone(), ledger_of(&fund)), (pay.id.clone(), ledger_of(&pay))].into_iter().collect(),
+            audit: ledger::Audit { accounts: 3, available: 300, held: 0, deposited: 300, prepared: 0, transfers: 2 },
+            escrow: ledger::Account { available: 300 - claim.amount, held: 0 },
+        };
+        (vec![p], vec![fund, pay], view)
+    }
+
+    #[test]
+    fn a_consistent_picture_is_clean() {
+        let (packets, transfers, view) = setup();
+        let r = check(&packets, &transfers, &view, &[]);
+        assert_eq!(r.mismatches, vec![]);
+        assert_eq!((r.funded, r.paid, r.in_escrow, r.escrow_balance), (300, r.paid, 300 - r.paid, 300 - r.paid));
+    }
+
+    #[test]
+    fn a_ledger_amount_that_differs_is_named() {
+        let (packets, transfers, mut view) = setup();
+        let pay_id = transfers[1].id.clone();
+        view.transfers.get_mut(&pay_id).unwrap().amount += 1;
+        let r = check(&packets, &transfers, &view, &[]);
+        assert_eq!(r.mismatches.len(), 1, "{:?}", r.mismatches);
+        assert_eq!(r.mismatches[0].transfer_id, pay_id);
+    }
+
+    #[test]
+    fn a_missing_payment_an_orphan_and_an_unbalanced_ledger_are_found() {
+        let (packets, mut transfers, mut view) = setup();
+        transfers.pop(); // the opened share has no payment
+        view.audit.available += 5; // money from nowhere
+        let r = check(&packets, &transfers, &view, &["pay:20261123000000000000000000000009:0".into()]);
+        let problems: Vec<&str> = r.mismatches.iter().map(|m| m.problem.as_str()).collect();
+        assert!(problems.iter().any(|p| p.contains("payments")), "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("no packet recorded")), "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("not conserved")), "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("escrow holds")), "{problems:?}");
+    }
+}
