@@ -37,11 +37,26 @@ pub use redpacket_proto::v1::Packet;
 pub use redpacket_proto::v1::PacketStage;
 pub use redpacket_proto::v1::ReadConsistency;
 pub use redpacket_proto::v1::ReconcileReport;
+pub use redpacket_proto::v1::MembershipProgress;
 pub use redpacket_proto::v1::Settlement;
 use tokio::time::Instant;
 use tonic::Status;
 use tonic::transport::Channel;
 use tonic::transport::Endpoint;
+
+/// Reads a membership-change progress stream to its end.
+async fn follow(
+    mut stream: tonic::Streaming<pb::MembershipProgress>,
+    mut progress: impl FnMut(&pb::MembershipProgress),
+) -> Result<(), Error> {
+    loop {
+        match stream.message().await {
+            Ok(Some(step)) => progress(&step),
+            Ok(None) => return Ok(()),
+            Err(status) => return Err(Error::from_status(status)),
+        }
+    }
+}
 
 /// How long and how often a call is retried.
 #[derive(Debug, Clone)]
@@ -295,6 +310,56 @@ impl Client {
             ClusterAdminClient::new(ch).max_decoding_message_size(256 << 20).reconcile(pb::ReconcileRequest {}).await
         })
         .await
+    }
+
+    /// Adds node `node_id` (already running at `addr` with empty data) to every group;
+    /// `progress` sees each step. Runs on the first endpoint that answers.
+    pub async fn add_node(&self, node_id: u64, addr: &str, progress: impl FnMut(&pb::MembershipProgress)) -> Result<(), Error> {
+        let req = pb::AddNodeRequest { node_id, addr: addr.to_string() };
+        let stream = self
+            .retry(|ch| {
+                let req = req.clone();
+                async move { ClusterAdminClient::new(ch).add_node(req).await }
+            })
+            .await?;
+        follow(stream, progress).await
+    }
+
+    /// Moves leaderships off node `node_id`, removes it from every group and retires its id.
+    pub async fn remove_node(&self, node_id: u64, progress: impl FnMut(&pb::MembershipProgress)) -> Result<(), Error> {
+        let req = pb::RemoveNodeRequest { node_id };
+        let stream = self
+            .retry(|ch| {
+                let req = req.clone();
+                async move { ClusterAdminClient::new(ch).remove_node(req).await }
+            })
+            .await?;
+        follow(stream, progress).await
+    }
+
+    /// Makes node `to` the leader of `group`.
+    pub async fn transfer_leader(&self, group: u32, to: u64) -> Result<(), Error> {
+        let req = pb::TransferLeaderRequest { group, to };
+        self.retry(|ch| {
+            let req = req.clone();
+            async move { ClusterAdminClient::new(ch).transfer_leader(req).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Asks every endpoint to hand its leaderships to their preferred nodes now; returns how
+    /// many transfers started.
+    pub async fn balance_leaders(&self) -> Result<u32, Error> {
+        let mut total = 0;
+        for (_, channel) in self.endpoints.iter() {
+            let r = ClusterAdminClient::new(channel.clone())
+                .balance_leaders(pb::BalanceLeadersRequest {})
+                .await
+                .map_err(Error::from_status)?;
+            total += r.into_inner().transfers;
+        }
+        Ok(total)
     }
 
     /// Configures a failpoint on the first endpoint's node (test builds only).

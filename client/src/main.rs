@@ -125,6 +125,27 @@ enum AdminCommand {
     Init,
     /// Every node's view of every group: role, term, leader, log and applied indexes.
     Status,
+    /// Add a node (started with its own config and empty data) to every group.
+    AddNode {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        addr: String,
+    },
+    /// Move leaderships off a node and remove it from every group; its id is retired.
+    RemoveNode {
+        #[arg(long)]
+        id: u64,
+    },
+    /// Make a node the leader of a group.
+    TransferLeader {
+        #[arg(long)]
+        group: u32,
+        #[arg(long)]
+        to: u64,
+    },
+    /// Hand every leadership to its group's preferred node now.
+    BalanceLeaders,
 }
 
 #[tokio::main]
@@ -195,6 +216,24 @@ async fn run() -> anyhow::Result<()> {
             println!("initialized {groups} groups on nodes {}", ids.join(", "));
         }
         Command::Admin { command: AdminCommand::Status } => print_status(&client).await,
+        Command::Admin { command: AdminCommand::AddNode { id, addr } } => {
+            let bar = progress_bar(&format!("adding node {id}"));
+            client.add_node(id, &addr, |p| show_progress(&bar, p)).await?;
+            bar.finish_with_message(format!("node {id} is a voter of every group"));
+        }
+        Command::Admin { command: AdminCommand::RemoveNode { id } } => {
+            let bar = progress_bar(&format!("removing node {id}"));
+            client.remove_node(id, |p| show_progress(&bar, p)).await?;
+            bar.finish_with_message(format!("node {id} left every group; its id is retired (stop the process now)"));
+        }
+        Command::Admin { command: AdminCommand::TransferLeader { group, to } } => {
+            client.transfer_leader(group, to).await?;
+            println!("node {to} leads group {group}");
+        }
+        Command::Admin { command: AdminCommand::BalanceLeaders } => {
+            let n = client.balance_leaders().await?;
+            println!("{n} leaderships handed to their preferred nodes");
+        }
         Command::Reconcile => {
             let r = client.reconcile().await?;
             println!(
@@ -270,6 +309,23 @@ fn print_packet(p: &Packet) {
     }
 }
 
+fn progress_bar(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} groups · {msg}")
+            .expect("progress template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+fn show_progress(bar: &indicatif::ProgressBar, p: &redpacket_client::MembershipProgress) {
+    bar.set_length(u64::from(p.groups_total));
+    bar.set_position(u64::from(p.done));
+    bar.set_message(format!("group {}: {}", p.group, p.step));
+}
+
 fn stage_name(stage: i32) -> &'static str {
     match redpacket_client::PacketStage::try_from(stage) {
         Ok(redpacket_client::PacketStage::Funding) => "funding",
@@ -295,12 +351,14 @@ async fn print_status(client: &Client) {
             Err(e) => println!("node at {addr}: DOWN ({e})"),
             Ok(s) => {
                 let leads = s.groups.iter().filter(|g| g.role == "leader").count();
+                let worst_lag = s.groups.iter().flat_map(|g| g.lag.iter().filter_map(|l| l.entries)).max().unwrap_or(0);
                 println!(
-                    "node {} at {} · {} groups · leads {} · {}",
+                    "node {} at {} · {} groups · leads {} · max follower lag {} · {}",
                     s.node_id,
                     s.addr,
                     s.groups_total,
                     leads,
+                    worst_lag,
                     if s.initialized { "initialized" } else { "NOT initialized" }
                 );
                 println!("  {:>5} {:<9} {:>5} {:>6} {:>9} {:>9} {:>9}  voters", "group", "role", "term", "leader", "last_log", "applied", "snapshot");

@@ -47,12 +47,13 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
         limits: config.limits.clone(),
         payment: config.payment.clone(),
         ledger: crate::settlement::ledger_client(&config.payment.endpoint)?,
+        stopping: Default::default(),
     });
 
     let balancer = config
         .raft
         .balance_leaders
-        .then(|| tokio::spawn(balance::run(groups.clone(), Duration::from_millis(config.raft.balance_interval_ms))));
+        .then(|| tokio::spawn(balance::run(groups.clone(), ctx.store.clone(), Duration::from_millis(config.raft.balance_interval_ms))));
 
     let settler = tokio::spawn(crate::settlement::run(
         groups.clone(),
@@ -87,7 +88,21 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
                 .max_decoding_message_size(MAX_RAFT_MESSAGE)
                 .max_encoding_message_size(MAX_RAFT_MESSAGE),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
+            let ctx = ctx.clone();
+            let balancer = balancer.as_ref().map(|b| b.abort_handle());
+            async move {
+                shutdown.await;
+                // Graceful stop: take no new leaderships, hand ours over while still serving
+                // (requests arriving meanwhile are forwarded to the new leaders).
+                tracing::info!(node_id, "stopping: handing leaderships over");
+                ctx.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+                if let Some(b) = balancer {
+                    b.abort();
+                }
+                hand_over_leaderships(&ctx.groups, Duration::from_secs(10)).await;
+            }
+        })
         .await?;
 
     tracing::info!(node_id, "stopping");
@@ -97,6 +112,44 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
     settler.abort();
     groups.shutdown().await;
     Ok(())
+}
+
+/// Transfers every leadership this node holds to another caught-up voter (the group's
+/// preferred one when it can), and waits until they moved or `wait` passed.
+pub async fn hand_over_leaderships(groups: &Groups, wait: Duration) {
+    use openraft::type_config::async_runtime::WatchReceiver;
+    let me = groups.node_id();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let mut leading = 0;
+        for (group, raft) in groups.all() {
+            let m = raft.metrics().borrow_watched().clone();
+            if m.state != openraft::ServerState::Leader {
+                continue;
+            }
+            let others: Vec<u64> = m.membership_config.membership().voter_ids().filter(|v| *v != me).collect();
+            if others.is_empty() {
+                continue; // a single-voter group has nowhere to go
+            }
+            leading += 1;
+            let caught_up = |id: &u64| {
+                m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| Some(l.index) >= m.last_log_index).unwrap_or(false)
+            };
+            let preferred = balance::preferred_leader(group, &others).filter(|p| caught_up(p));
+            if let Some(to) = preferred.or_else(|| others.iter().copied().find(|o| caught_up(o))) {
+                if let Err(e) = raft.trigger().transfer_leader(to).await {
+                    tracing::warn!(group, "hand-over to node {to}: {e}");
+                }
+            }
+        }
+        if leading == 0 || tokio::time::Instant::now() >= deadline {
+            if leading > 0 {
+                tracing::warn!(leading, "stopping while still leading some groups");
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Completes on Ctrl-C or SIGTERM.

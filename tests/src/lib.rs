@@ -155,6 +155,29 @@ impl Cluster {
         self.dir.path().to_path_buf()
     }
 
+    /// Configures a brand-new node `id` (own port, empty data) and starts it, without joining
+    /// it to the cluster: that is `add_node`'s job. Returns its address.
+    pub fn spawn_new_node(&mut self, id: u64) -> anyhow::Result<String> {
+        if self.nodes.contains_key(&id) {
+            bail!("node {id} exists");
+        }
+        let port = free_port();
+        let mut config = NodeConfig::local(id, port, self.dir.path().join(format!("node-{id}")));
+        config.groups = self.spec.groups;
+        config.raft = self.spec.raft.clone();
+        config.limits = self.spec.limits.clone();
+        config.payment.endpoint = self.ledger.addr.clone();
+        config.payment.settle_interval_ms = 100;
+        config.payment.fund_timeout_ms = 3000;
+        let config_path = self.dir.path().join(format!("node-{id}.toml"));
+        std::fs::write(&config_path, toml::to_string(&config)?)?;
+        let log_path = self.dir.path().join(format!("node-{id}.log"));
+        let addr = config.advertise_addr();
+        self.nodes.insert(id, TestNode { id, addr: addr.clone(), config_path, log_path, child: None });
+        self.start_node(id)?;
+        Ok(addr)
+    }
+
     /// Starts (or restarts) node `id` on its data directory.
     pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
         let node = self.nodes.get_mut(&id).context("no such node")?;
@@ -261,7 +284,7 @@ impl Cluster {
         Ok(status?)
     }
 
-    async fn wait_serving(&self, id: u64) -> anyhow::Result<()> {
+    pub async fn wait_serving(&self, id: u64) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if self.status_of(id).await.is_ok() {

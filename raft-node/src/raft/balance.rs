@@ -15,6 +15,7 @@ use openraft::ServerState;
 
 use super::NodeId;
 use super::groups::Groups;
+use crate::storage::Store;
 
 /// The preferred leader of `group` among `voters`.
 pub fn preferred_leader(group: u32, voters: &[NodeId]) -> Option<NodeId> {
@@ -26,37 +27,55 @@ pub fn preferred_leader(group: u32, voters: &[NodeId]) -> Option<NodeId> {
     Some(sorted[group as usize % sorted.len()])
 }
 
-/// Runs forever (until the task is aborted), checking every `interval`.
-pub async fn run(groups: Arc<Groups>, interval: Duration) {
-    let me = groups.node_id();
+/// Runs forever (until the task is aborted), checking every `interval`. Pauses while a
+/// membership change holds the cluster lock, so it does not fight the change.
+pub async fn run(groups: Arc<Groups>, store: Store, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        for (group, raft) in groups.all() {
-            let m = raft.metrics().borrow_watched().clone();
-            if m.state != ServerState::Leader {
+        let now = crate::service::packets::now_millis();
+        match store.reader(0).membership_lock() {
+            Ok(Some((holder, until))) if now < until => {
+                tracing::debug!(%holder, "membership change in progress: not balancing");
                 continue;
             }
-            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-            let Some(preferred) = preferred_leader(group, &voters) else { continue };
-            if preferred == me {
-                continue;
-            }
-            let caught_up = m
-                .replication
-                .as_ref()
-                .and_then(|r| r.get(&preferred).cloned().flatten())
-                .map(|matched| Some(matched.index) >= m.last_log_index)
-                .unwrap_or(false);
-            if caught_up {
-                tracing::info!(group, to = preferred, "transferring leadership to the preferred node");
-                if let Err(e) = raft.trigger().transfer_leader(preferred).await {
-                    tracing::warn!(group, "leader transfer: {e}");
-                }
+            _ => {}
+        }
+        balance_once(&groups).await;
+    }
+}
+
+/// Hands every leadership this node holds to the group's preferred node, when that node has
+/// replicated everything. Returns how many transfers were started.
+pub async fn balance_once(groups: &Groups) -> u32 {
+    let me = groups.node_id();
+    let mut started = 0;
+    for (group, raft) in groups.all() {
+        let m = raft.metrics().borrow_watched().clone();
+        if m.state != ServerState::Leader {
+            continue;
+        }
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let Some(preferred) = preferred_leader(group, &voters) else { continue };
+        if preferred == me || m.membership_config.membership().get_joint_config().len() > 1 {
+            continue;
+        }
+        let caught_up = m
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&preferred).cloned().flatten())
+            .map(|matched| Some(matched.index) >= m.last_log_index)
+            .unwrap_or(false);
+        if caught_up {
+            tracing::info!(group, to = preferred, "transferring leadership to the preferred node");
+            match raft.trigger().transfer_leader(preferred).await {
+                Ok(()) => started += 1,
+                Err(e) => tracing::warn!(group, "leader transfer: {e}"),
             }
         }
     }
+    started
 }
 
 #[cfg(test)]

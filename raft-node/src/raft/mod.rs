@@ -46,6 +46,20 @@ pub enum Command {
     Settle(Vec<SettledTransfer>),
     /// Close these packets, expired by the leader's clock at `at`, refunding what is unopened.
     Expire { packet_ids: Vec<PacketId>, at: Millis },
+    /// Cluster metadata, kept in group 0.
+    Meta(MetaCommand),
+}
+
+/// Cluster-wide facts that must survive any node: the membership-change lock (changes are
+/// serialized cluster-wide) and the node ids that may never be used again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// Take the membership-change lock for `holder` (an operation such as `add-node:4`),
+    /// unless another holder has it and it has not lapsed by `at`.
+    Lock { holder: String, at: Millis, ttl_ms: u64 },
+    Unlock { holder: String },
+    /// Node `node_id` left the cluster: its id is never accepted again.
+    Retire { node_id: u64 },
 }
 
 /// A transfer's outcome as the ledger decided it (`Committed` or `Aborted`).
@@ -61,7 +75,7 @@ impl Command {
         match self {
             Command::Create(p) => Some(&p.packet_id),
             Command::Grab { packet_id, .. } | Command::Open { packet_id, .. } => Some(packet_id),
-            Command::Settle(_) | Command::Expire { .. } => None,
+            Command::Settle(_) | Command::Expire { .. } | Command::Meta(_) => None,
         }
     }
 }
@@ -74,6 +88,7 @@ impl fmt::Display for Command {
             Command::Open { packet_id, user, .. } => write!(f, "open({packet_id}, {user})"),
             Command::Settle(list) => write!(f, "settle({} transfers)", list.len()),
             Command::Expire { packet_ids, .. } => write!(f, "expire({} packets)", packet_ids.len()),
+            Command::Meta(m) => write!(f, "meta({m:?})"),
         }
     }
 }
@@ -93,6 +108,8 @@ pub enum Reply {
     Settled { count: usize },
     /// Packets closed.
     Closed { count: usize },
+    /// The membership-change lock: who holds it now (empty: nobody).
+    Lock { holder: String },
     /// Entries that carry no command (blank, membership).
     Empty,
 }

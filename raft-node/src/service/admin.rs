@@ -24,6 +24,7 @@ use redpacket_proto::payment as ledger_pb;
 use super::LEADER_WAIT;
 use super::NodeContext;
 use super::packets::forward_request;
+use super::membership;
 use super::packets::is_forwarded;
 use super::status;
 use crate::ledger;
@@ -62,6 +63,16 @@ impl AdminService {
 }
 
 impl AdminService {
+    /// Membership changes are coordinated by a member (a node being added is not one yet):
+    /// UNAVAILABLE makes the client try its next endpoint.
+    fn require_member(&self) -> Result<(), Status> {
+        if self.ctx.groups.is_initialized() {
+            Ok(())
+        } else {
+            Err(status::unavailable(format!("node {} is not a cluster member yet; ask a member", self.ctx.node_id)))
+        }
+    }
+
     /// One group's packets and transfers, read linearizably on its leader.
     async fn dump_of(&self, group: u32, forwarded: bool) -> Result<(Vec<Packet>, Vec<Transfer>), Status> {
         let raft = self.ctx.groups.get(group).ok_or_else(|| status::invalid("group", format!("no group {group}")))?;
@@ -232,6 +243,21 @@ impl ClusterAdmin for AdminService {
                     voters: membership.voter_ids().collect(),
                     learners: membership.learner_ids().collect(),
                     purged_index: m.purged.as_ref().map(|l| l.index),
+                    lag: m
+                        .replication
+                        .as_ref()
+                        .map(|r| {
+                            r.iter()
+                                .filter(|(id, _)| **id != self.ctx.node_id)
+                                .map(|(id, matched)| pb::ReplicaLag {
+                                    node_id: *id,
+                                    entries: matched
+                                        .as_ref()
+                                        .map(|l| m.last_log_index.unwrap_or(0).saturating_sub(l.index)),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 }
             })
             .collect();
@@ -344,5 +370,45 @@ impl ClusterAdmin for AdminService {
                 req.name
             )))
         }
+    }
+
+    type AddNodeStream = tokio_stream::wrappers::ReceiverStream<Result<pb::MembershipProgress, Status>>;
+    type RemoveNodeStream = tokio_stream::wrappers::ReceiverStream<Result<pb::MembershipProgress, Status>>;
+
+    async fn add_node(&self, request: Request<pb::AddNodeRequest>) -> Result<Response<Self::AddNodeStream>, Status> {
+        self.require_member()?;
+        let rx = membership::add_node(self.ctx.clone(), request.into_inner());
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn remove_node(&self, request: Request<pb::RemoveNodeRequest>) -> Result<Response<Self::RemoveNodeStream>, Status> {
+        self.require_member()?;
+        let rx = membership::remove_node(self.ctx.clone(), request.into_inner());
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn transfer_leader(&self, request: Request<pb::TransferLeaderRequest>) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        Ok(Response::new(membership::transfer_leader(&self.ctx, request.into_inner(), forwarded).await?))
+    }
+
+    async fn balance_leaders(&self, _request: Request<pb::BalanceLeadersRequest>) -> Result<Response<pb::BalanceLeadersResponse>, Status> {
+        let transfers = crate::raft::balance::balance_once(&self.ctx.groups).await;
+        Ok(Response::new(pb::BalanceLeadersResponse { transfers }))
+    }
+
+    async fn add_learner(&self, request: Request<pb::AddLearnerRequest>) -> Result<Response<pb::GroupMembership>, Status> {
+        let forwarded = is_forwarded(&request);
+        Ok(Response::new(membership::add_learner(&self.ctx, request.into_inner(), forwarded).await?))
+    }
+
+    async fn set_voters(&self, request: Request<pb::SetVotersRequest>) -> Result<Response<pb::GroupMembership>, Status> {
+        let forwarded = is_forwarded(&request);
+        Ok(Response::new(membership::set_voters(&self.ctx, request.into_inner(), forwarded).await?))
+    }
+
+    async fn meta(&self, request: Request<pb::ClusterMetaRequest>) -> Result<Response<pb::ClusterMeta>, Status> {
+        let forwarded = is_forwarded(&request);
+        Ok(Response::new(membership::meta(&self.ctx, request.into_inner(), forwarded).await?))
     }
 }

@@ -3,7 +3,9 @@
 
 pub mod admin;
 pub mod convert;
+pub mod membership;
 pub mod packets;
+pub mod route;
 pub mod status;
 pub mod transport;
 
@@ -29,6 +31,8 @@ pub struct NodeContext {
     pub limits: Limits,
     pub payment: PaymentSettings,
     pub ledger: PaymentLedgerClient<Channel>,
+    /// Set when the node is shutting down: it hands its leaderships over and takes no more.
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 /// How long a request waits for its group to elect a leader before answering UNAVAILABLE.

@@ -23,8 +23,9 @@ use tonic::transport::Channel;
 
 use super::FORWARD_TIMEOUT;
 use super::FORWARDED_HEADER;
-use super::LEADER_WAIT;
 use super::NodeContext;
+use super::route;
+use super::route::Route;
 use super::convert;
 use super::status;
 use crate::packet::Millis;
@@ -39,7 +40,6 @@ use crate::packet::transfer::pay_id;
 use crate::packet::transfer::refund_id;
 use crate::packet::validate;
 use crate::raft::Command;
-use crate::raft::Raft;
 use crate::raft::Reply;
 
 /// How long a proposal may wait to be committed and applied before the client is told to
@@ -48,14 +48,6 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(8);
 
 pub struct PacketService {
     ctx: Arc<NodeContext>,
-}
-
-/// Where a request is served.
-enum Route<'a> {
-    /// This node leads the group.
-    Here(&'a Raft),
-    /// Forward to the leader at this address.
-    Leader(String),
 }
 
 pub fn now_millis() -> Millis {
@@ -91,22 +83,8 @@ impl PacketService {
         Ok(RedPacketClient::new(ch))
     }
 
-    /// Decides where a request for `group` is served.
     async fn route(&self, group: u32, forwarded: bool) -> Result<Route<'_>, Status> {
-        let raft = self.ctx.groups.get(group).ok_or_else(|| status::internal(format!("no group {group} on this node")))?;
-        let Some((leader, node)) = self.ctx.groups.leader(group, LEADER_WAIT).await else {
-            return Err(status::unavailable(format!("group {group} has no leader yet; retry")));
-        };
-        if leader == self.ctx.node_id {
-            return Ok(Route::Here(raft));
-        }
-        if forwarded {
-            return Err(status::unavailable(format!(
-                "node {} is not the leader of group {group} (node {leader} at {} is); retry",
-                self.ctx.node_id, node.addr
-            )));
-        }
-        Ok(Route::Leader(node.addr))
+        route::to_leader(&self.ctx, group, forwarded).await
     }
 
     /// Proposes a command built by `make` (called once, just before proposing, so the time it

@@ -73,6 +73,9 @@ impl RaftTransport for TransportService {
     }
 
     async fn transfer_leader(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        if self.ctx.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(Response::new(RaftReply { payload: Vec::new(), error: "node is stopping: it takes no leadership".into() }));
+        }
         let req = request.into_inner();
         let raft = self.raft(req.group)?;
         reply(raft.handle_transfer_leader(decode(&req.payload)?).await)

@@ -26,6 +26,7 @@ use crate::packet::transfer::Settlement;
 use crate::packet::transfer::Transfer;
 use crate::packet::transfer::TransferKind;
 use crate::raft::Command;
+use crate::raft::MetaCommand;
 use crate::raft::Reply;
 use crate::raft::SettledTransfer;
 
@@ -98,6 +99,33 @@ impl<'a> Txn<'a> {
             Command::Open { packet_id, user, at } => self.open(packet_id, user, *at),
             Command::Settle(settled) => self.settle(settled),
             Command::Expire { packet_ids, at } => self.expire(packet_ids, *at),
+            Command::Meta(meta) => self.meta(meta),
+        }
+    }
+
+    fn meta(&mut self, meta: &MetaCommand) -> io::Result<Reply> {
+        let key = keys::membership_lock(self.group);
+        let current: Option<(String, u64)> = self.get(&key)?;
+        match meta {
+            MetaCommand::Lock { holder, at, ttl_ms } => match current {
+                Some((other, until)) if &other != holder && *at < until => Ok(Reply::Lock { holder: other }),
+                _ => {
+                    self.put(key, &(holder.clone(), at.saturating_add(*ttl_ms)))?;
+                    Ok(Reply::Lock { holder: holder.clone() })
+                }
+            },
+            MetaCommand::Unlock { holder } => match current {
+                Some((other, _)) if &other == holder => {
+                    self.delete(key);
+                    Ok(Reply::Lock { holder: String::new() })
+                }
+                Some((other, _)) => Ok(Reply::Lock { holder: other }),
+                None => Ok(Reply::Lock { holder: String::new() }),
+            },
+            MetaCommand::Retire { node_id } => {
+                self.put(keys::retired(self.group, *node_id), &())?;
+                Ok(Reply::Empty)
+            }
         }
     }
 

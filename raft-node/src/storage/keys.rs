@@ -14,6 +14,8 @@
 //! | `sm`       | group · `T` · transfer id                        | transfer (money movement)  |
 //! | `sm`       | group · `U` · transfer id                        | (empty) unsettled index    |
 //! | `sm`       | group · `E` · expires_at (u64 BE) · packet id    | (empty) expiry schedule    |
+//! | `sm`       | 0 · `M` · `lock`                                 | membership-change lock     |
+//! | `sm`       | 0 · `N` · node id (u64 BE)                       | (empty) retired node id    |
 //! | `node`     | `node_id` / `groups`                             | this node's identity       |
 //!
 //! Big-endian integers keep keys in numeric order, so a group's log is one contiguous range
@@ -39,6 +41,8 @@ const TAG_REQUEST: u8 = b'R';
 const TAG_TRANSFER: u8 = b'T';
 const TAG_UNSETTLED: u8 = b'U';
 const TAG_EXPIRY: u8 = b'E';
+const TAG_META: u8 = b'M';
+const TAG_RETIRED: u8 = b'N';
 
 pub const NODE_ID: &[u8] = b"node_id";
 pub const NODE_GROUPS: &[u8] = b"groups";
@@ -103,6 +107,18 @@ pub fn request(group: u32, sender: &str, request_id: &str) -> Vec<u8> {
 
 pub fn transfer(group: u32, id: &str) -> Vec<u8> {
     with_tag(group, TAG_TRANSFER, &[id.as_bytes()])
+}
+
+pub fn membership_lock(group: u32) -> Vec<u8> {
+    with_tag(group, TAG_META, &[b"lock"])
+}
+
+pub fn retired(group: u32, node_id: u64) -> Vec<u8> {
+    with_tag(group, TAG_RETIRED, &[&node_id.to_be_bytes()])
+}
+
+pub fn retired_all(group: u32) -> Vec<u8> {
+    with_tag(group, TAG_RETIRED, &[])
 }
 
 pub fn transfer_all(group: u32) -> Vec<u8> {

@@ -218,6 +218,21 @@ impl StateReader<'_> {
         Ok(out)
     }
 
+    /// Node ids retired for good (kept in group 0).
+    pub fn retired_nodes(&self) -> io::Result<Vec<u64>> {
+        let prefix = keys::retired_all(self.group);
+        let mut out = Vec::new();
+        for (k, _) in self.scan(&prefix, usize::MAX)? {
+            out.push(u64::from_be_bytes(k[prefix.len()..].try_into().map_err(io::Error::other)?));
+        }
+        Ok(out)
+    }
+
+    /// Holder of the membership-change lock (kept in group 0) and when it lapses.
+    pub fn membership_lock(&self) -> io::Result<Option<(String, u64)>> {
+        self.get(&keys::membership_lock(self.group))
+    }
+
     /// Every packet and transfer of the group, from one consistent RocksDB snapshot, for
     /// reconciliation.
     pub fn dump(&self) -> io::Result<(Vec<Packet>, Vec<Transfer>)> {
