@@ -160,32 +160,78 @@ pub struct Opened {
     pub amount_cents: u64,
 }
 
+/// Adds the bearer token, if any, to every request.
+#[derive(Clone, Default)]
+pub struct Token(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel that carries the client's token.
+pub type AuthChannel = tonic::service::interceptor::InterceptedService<Channel, Token>;
+
+/// How to reach the cluster: TLS and credentials.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// A bearer token (client or admin) when the cluster requires one.
+    pub token: Option<String>,
+    /// PEM of the CA that signed the nodes' certificates; turns TLS on.
+    pub tls_ca_pem: Option<Vec<u8>>,
+    /// The name the nodes' certificates are valid for (default "localhost").
+    pub tls_server_name: Option<String>,
+}
+
 /// A connection to a redpacket cluster. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct Client {
-    endpoints: Arc<Vec<(String, Channel)>>,
+    endpoints: Arc<Vec<(String, AuthChannel)>>,
     /// Index of the endpoint that answered last; calls start there.
     current: Arc<AtomicUsize>,
     policy: RetryPolicy,
 }
 
 impl Client {
-    /// Connects (lazily) to the given `host:port` endpoints.
+    /// Connects (lazily) to the given `host:port` endpoints, in plaintext without a token.
     pub fn connect<I, S>(endpoints: I) -> Result<Client, Error>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
+        Self::connect_with(endpoints, ConnectOptions::default())
+    }
+
+    /// Connects (lazily) with TLS and/or a token.
+    pub fn connect_with<I, S>(endpoints: I, options: ConnectOptions) -> Result<Client, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let token = match &options.token {
+            Some(t) => Token(Some(format!("Bearer {t}").parse().map_err(|_| Error::Endpoint("token: not printable ASCII".into()))?)),
+            None => Token(None),
+        };
+        let tls = options.tls_ca_pem.as_ref().map(|pem| {
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                .domain_name(options.tls_server_name.clone().unwrap_or_else(|| "localhost".into()))
+        });
         let mut list = Vec::new();
         for e in endpoints {
             let addr = e.as_ref().trim().to_string();
-            let uri = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
-            let channel = Endpoint::from_shared(uri)
-                .map_err(|_| Error::Endpoint(addr.clone()))?
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
-                .connect_lazy();
-            list.push((addr, channel));
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let uri = if addr.contains("://") { addr.clone() } else { format!("{scheme}://{addr}") };
+            let mut endpoint = Endpoint::from_shared(uri).map_err(|_| Error::Endpoint(addr.clone()))?;
+            if let Some(tls) = &tls {
+                endpoint = endpoint.tls_config(tls.clone()).map_err(|e| Error::Endpoint(format!("{addr}: {e}")))?;
+            }
+            let channel = endpoint.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true).connect_lazy();
+            list.push((addr, tonic::service::interceptor::InterceptedService::new(channel, token.clone())));
         }
         if list.is_empty() {
             return Err(Error::Endpoint("no endpoints given".into()));
@@ -206,7 +252,7 @@ impl Client {
     /// with exponential backoff until the policy's deadline.
     async fn retry<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
     where
-        F: FnMut(Channel) -> Fut,
+        F: FnMut(AuthChannel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let start = Instant::now();

@@ -20,6 +20,15 @@ struct Cli {
     /// Comma-separated node addresses; any node serves any request.
     #[arg(long, env = "REDPACKET_ENDPOINTS", default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003", global = true)]
     endpoints: String,
+    /// Bearer token, when the cluster requires one (admin commands need an admin token).
+    #[arg(long, env = "REDPACKET_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// PEM file of the CA that signed the nodes' certificates: connect with TLS.
+    #[arg(long, env = "REDPACKET_TLS_CA", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Name the nodes' certificates are valid for.
+    #[arg(long, env = "REDPACKET_TLS_SERVER_NAME", default_value = "localhost", global = true)]
+    tls_server_name: String,
     /// The payment ledger (for `wallet`).
     #[arg(long, env = "REDPACKET_PAYMENT", default_value = "127.0.0.1:7100", global = true)]
     payment: String,
@@ -166,7 +175,16 @@ async fn run() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let endpoints: Vec<&str> = cli.endpoints.split(',').filter(|s| !s.trim().is_empty()).collect();
-    let client = Client::connect(&endpoints)?;
+    let tls_ca_pem = match &cli.tls_ca {
+        Some(path) => Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?),
+        None => None,
+    };
+    let options = redpacket_client::ConnectOptions {
+        token: cli.token.clone(),
+        tls_ca_pem,
+        tls_server_name: Some(cli.tls_server_name.clone()),
+    };
+    let client = Client::connect_with(&endpoints, options)?;
     match cli.command {
         Command::Send { from, total, shares, equal, to, group, anyone, message, expires_in, request_id } => {
             let total_cents = parse_yuan(&total)?;

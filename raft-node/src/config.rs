@@ -31,6 +31,49 @@ pub struct NodeConfig {
     pub limits: Limits,
     #[serde(default)]
     pub payment: PaymentSettings,
+    /// Bearer tokens (none: authentication off).
+    #[serde(default)]
+    pub auth: crate::auth::AuthSettings,
+    /// TLS for every gRPC connection to and between nodes (absent: plaintext).
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
+    /// Where Prometheus scrapes `/metrics` (absent: no metrics endpoint).
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Certificates for TLS (PEM files). Every node's certificate must be valid for
+/// `server_name`, which peers and clients check.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The CA that signed the nodes' certificates.
+    pub ca_file: PathBuf,
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+}
+
+fn default_server_name() -> String {
+    "localhost".into()
+}
+
+impl TlsSettings {
+    fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("tls: reading {}: {e}", path.display()))
+    }
+
+    pub fn server_config(&self) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+        let identity = tonic::transport::Identity::from_pem(Self::read(&self.cert_file)?, Self::read(&self.key_file)?);
+        Ok(tonic::transport::ServerTlsConfig::new().identity(identity))
+    }
+
+    pub fn client_config(&self) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+        Ok(tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(Self::read(&self.ca_file)?))
+            .domain_name(self.server_name.clone()))
+    }
 }
 
 /// How the node reaches the payment ledger.
@@ -130,6 +173,9 @@ impl NodeConfig {
             raft: RaftSettings::default(),
             limits: Limits::default(),
             payment: PaymentSettings::default(),
+            auth: Default::default(),
+            tls: None,
+            metrics_addr: None,
         }
     }
 

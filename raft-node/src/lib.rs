@@ -6,6 +6,7 @@
 //! - [`service`]: the gRPC services (packets, admin, Raft transport);
 //! - [`node`], [`dev`], [`config`], [`cli`]: running it.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod dev;

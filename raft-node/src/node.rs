@@ -13,6 +13,10 @@ use redpacket_proto::v1::red_packet_server::RedPacketServer;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
+use tonic::service::interceptor::InterceptedService;
+
+use crate::auth::Authenticator;
+use crate::auth::Role;
 use crate::config::NodeConfig;
 use crate::raft::balance;
 use crate::raft::groups::Groups;
@@ -32,7 +36,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
     let node_id = config.node_id;
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
     let store = Store::open(&config.data_dir, node_id, config.groups)?;
-    let peers = Arc::new(PeerChannels::default());
+    let client_tls = config.tls.as_ref().map(|t| t.client_config()).transpose()?;
+    let peers = Arc::new(PeerChannels::new(config.auth.peer_token.as_deref(), client_tls));
     // Bind first, so a port conflict is reported before any Raft starts.
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
@@ -76,18 +81,32 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
         .build_v1()?;
 
     tracing::info!(node_id, addr = %config.listen_addr, data_dir = %config.data_dir.display(), groups = config.groups, "node serving");
-    Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = &config.tls {
+        server = server.tls_config(tls.server_config()?)?;
+    }
+    let auth = |role| Authenticator::new(&config.auth, role);
+    server
         .timeout(Duration::from_secs(30))
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(RedPacketServer::new(PacketService::new(ctx.clone())).max_decoding_message_size(MAX_CLIENT_MESSAGE))
-        .add_service(ClusterAdminServer::new(AdminService::new(ctx.clone())).max_decoding_message_size(MAX_CLIENT_MESSAGE))
-        .add_service(
+        .add_service(InterceptedService::new(
+            RedPacketServer::new(PacketService::new(ctx.clone())).max_decoding_message_size(MAX_CLIENT_MESSAGE),
+            auth(Role::Client),
+        ))
+        .add_service(InterceptedService::new(
+            ClusterAdminServer::new(AdminService::new(ctx.clone()))
+                .max_decoding_message_size(MAX_CLIENT_MESSAGE)
+                .max_encoding_message_size(256 << 20),
+            auth(Role::Admin),
+        ))
+        .add_service(InterceptedService::new(
             RaftTransportServer::new(TransportService::new(ctx.clone()))
                 .max_decoding_message_size(MAX_RAFT_MESSAGE)
                 .max_encoding_message_size(MAX_RAFT_MESSAGE),
-        )
+            auth(Role::Peer),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
             let ctx = ctx.clone();
             let balancer = balancer.as_ref().map(|b| b.abort_handle());

@@ -28,6 +28,11 @@ pub struct ClusterSpec {
     pub groups: u32,
     pub raft: RaftSettings,
     pub limits: Limits,
+    /// Tokens (default: none, authentication off). The harness's clients use the first
+    /// admin token.
+    pub auth: redpacket_node::auth::AuthSettings,
+    /// Run every connection over TLS, with certificates generated for the test.
+    pub tls: bool,
 }
 
 impl Default for ClusterSpec {
@@ -45,8 +50,31 @@ impl Default for ClusterSpec {
                 balance_interval_ms: 1000,
             },
             limits: Limits::default(),
+            auth: Default::default(),
+            tls: false,
         }
     }
+}
+
+/// A CA and one certificate for "localhost" and 127.0.0.1 signed by it, written as PEM files.
+pub fn generate_tls(dir: &std::path::Path) -> anyhow::Result<redpacket_node::config::TlsSettings> {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "redpacket test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate()?)?;
+    let node_key = rcgen::KeyPair::generate()?;
+    let node_params = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    let node_cert = node_params.signed_by(&node_key, &ca)?;
+    let settings = redpacket_node::config::TlsSettings {
+        cert_file: dir.join("node.pem"),
+        key_file: dir.join("node.key"),
+        ca_file: dir.join("ca.pem"),
+        server_name: "localhost".into(),
+    };
+    std::fs::write(&settings.cert_file, node_cert.pem())?;
+    std::fs::write(&settings.key_file, node_key.serialize_pem())?;
+    std::fs::write(&settings.ca_file, ca.pem())?;
+    Ok(settings)
 }
 
 pub struct TestNode {
@@ -69,6 +97,8 @@ pub struct Cluster {
     pub nodes: BTreeMap<u64, TestNode>,
     pub ledger: TestLedger,
     pub spec: ClusterSpec,
+    /// TLS settings in use, if the spec asked for TLS.
+    pub tls: Option<redpacket_node::config::TlsSettings>,
     dir: tempfile::TempDir,
 }
 
@@ -118,6 +148,7 @@ impl Cluster {
             data_dir: dir.path().join("payment"),
             child: None,
         };
+        let tls = if spec.tls { Some(generate_tls(dir.path())?) } else { None };
         let mut nodes = BTreeMap::new();
         for id in 1..=spec.nodes {
             let port = free_port();
@@ -125,6 +156,8 @@ impl Cluster {
             config.groups = spec.groups;
             config.raft = spec.raft.clone();
             config.limits = spec.limits.clone();
+            config.auth = spec.auth.clone();
+            config.tls = tls.clone();
             config.payment.endpoint = ledger.addr.clone();
             config.payment.settle_interval_ms = 100;
             config.payment.fund_timeout_ms = 3000;
@@ -133,7 +166,7 @@ impl Cluster {
             let log_path = dir.path().join(format!("node-{id}.log"));
             nodes.insert(id, TestNode { id, addr: config.advertise_addr(), config_path, log_path, child: None });
         }
-        let mut cluster = Cluster { nodes, ledger, spec, dir };
+        let mut cluster = Cluster { nodes, ledger, spec, tls, dir };
         cluster.start_ledger()?;
         for id in cluster.node_ids() {
             cluster.start_node(id)?;
@@ -166,6 +199,8 @@ impl Cluster {
         config.groups = self.spec.groups;
         config.raft = self.spec.raft.clone();
         config.limits = self.spec.limits.clone();
+        config.auth = self.spec.auth.clone();
+        config.tls = self.tls.clone();
         config.payment.endpoint = self.ledger.addr.clone();
         config.payment.settle_interval_ms = 100;
         config.payment.fund_timeout_ms = 3000;
@@ -262,9 +297,18 @@ impl Cluster {
         self.nodes.get(&id).is_some_and(|n| n.child.is_some())
     }
 
+    /// How the harness's clients connect: TLS when on, the first admin token when set.
+    pub fn connect_options(&self) -> redpacket_client::ConnectOptions {
+        redpacket_client::ConnectOptions {
+            token: self.spec.auth.admin_tokens.first().cloned(),
+            tls_ca_pem: self.tls.as_ref().map(|t| std::fs::read(&t.ca_file).expect("ca file")),
+            tls_server_name: self.tls.as_ref().map(|t| t.server_name.clone()),
+        }
+    }
+
     /// A client over every node.
     pub fn client(&self) -> Client {
-        Client::connect(self.nodes.values().map(|n| n.addr.as_str()))
+        Client::connect_with(self.nodes.values().map(|n| n.addr.as_str()), self.connect_options())
             .expect("client")
             .with_retry_policy(RetryPolicy { deadline: Duration::from_secs(60), ..RetryPolicy::default() })
     }
@@ -276,7 +320,7 @@ impl Cluster {
 
     /// A client talking to node `id` only.
     pub fn client_of(&self, id: u64) -> Client {
-        Client::connect([self.nodes[&id].addr.as_str()]).expect("client")
+        Client::connect_with([self.nodes[&id].addr.as_str()], self.connect_options()).expect("client")
     }
 
     pub async fn status_of(&self, id: u64) -> anyhow::Result<NodeStatus> {
@@ -286,13 +330,15 @@ impl Cluster {
 
     pub async fn wait_serving(&self, id: u64) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = None;
         while Instant::now() < deadline {
-            if self.status_of(id).await.is_ok() {
-                return Ok(());
+            match self.status_of(id).await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        bail!("node {id} did not start serving; log:\n{}", self.log_tail(id))
+        bail!("node {id} did not start serving (last error: {last:?}); log:\n{}", self.log_tail(id))
     }
 
     /// Waits until every running node sees a leader for every group.

@@ -36,8 +36,12 @@ use redpacket_proto::raft::SnapshotChunk;
 use redpacket_proto::raft::raft_transport_client::RaftTransportClient;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+use tonic::transport::ClientTlsConfig;
 use tonic::transport::Endpoint;
+
+use crate::auth::BearerToken;
 
 use super::Node;
 use super::NodeId;
@@ -51,26 +55,40 @@ const SNAPSHOT_CHUNK: usize = 1 << 20;
 /// Largest Raft message accepted or sent (a batch of entries, a snapshot chunk).
 pub const MAX_RAFT_MESSAGE: usize = 64 << 20;
 
-/// One lazily connected gRPC channel per peer address, shared by all groups.
-#[derive(Default)]
+/// A channel to a peer node that presents this node's peer token.
+pub type PeerChannel = InterceptedService<Channel, BearerToken>;
+
+/// One lazily connected gRPC channel per peer address, shared by all groups (and by request
+/// forwarding and administration).
 pub struct PeerChannels {
     channels: Mutex<HashMap<String, Channel>>,
+    token: BearerToken,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl PeerChannels {
-    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    pub fn new(peer_token: Option<&str>, tls: Option<ClientTlsConfig>) -> Self {
+        PeerChannels { channels: Mutex::default(), token: BearerToken::new(peer_token), tls }
+    }
+
+    pub fn channel(&self, addr: &str) -> Result<PeerChannel, tonic::transport::Error> {
         let mut channels = self.channels.lock().expect("peer channels lock");
         if let Some(ch) = channels.get(addr) {
-            return Ok(ch.clone());
+            return Ok(InterceptedService::new(ch.clone(), self.token.clone()));
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        let ch = endpoint
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
         channels.insert(addr.to_string(), ch.clone());
-        Ok(ch)
+        Ok(InterceptedService::new(ch, self.token.clone()))
     }
 }
 
@@ -107,7 +125,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
 pub struct PeerConnection {
     group: u32,
     target: NodeId,
-    client: Result<RaftTransportClient<Channel>, String>,
+    client: Result<RaftTransportClient<PeerChannel>, String>,
 }
 
 fn unreachable(msg: impl ToString) -> RPCError<TypeConfig> {
@@ -137,7 +155,7 @@ fn from_reply<T: DeserializeOwned>(target: NodeId, reply: RaftReply) -> Result<T
 }
 
 impl PeerConnection {
-    fn client(&self) -> Result<RaftTransportClient<Channel>, RPCError<TypeConfig>> {
+    fn client(&self) -> Result<RaftTransportClient<PeerChannel>, RPCError<TypeConfig>> {
         self.client.clone().map_err(|e| unreachable(format!("node {}: {e}", self.target)))
     }
 

@@ -21,7 +21,7 @@ use redpacket_proto::v1 as pb;
 use redpacket_proto::v1::cluster_admin_client::ClusterAdminClient;
 use tokio::sync::mpsc;
 use tonic::Status;
-use tonic::transport::Channel;
+use crate::raft::network::PeerChannel;
 
 use super::NodeContext;
 use super::packets::now_millis;
@@ -42,13 +42,13 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
 
 type Progress = mpsc::Sender<Result<pb::MembershipProgress, Status>>;
 
-fn admin(ctx: &NodeContext, addr: &str) -> Result<ClusterAdminClient<Channel>, Status> {
+fn admin(ctx: &NodeContext, addr: &str) -> Result<ClusterAdminClient<PeerChannel>, Status> {
     let ch = ctx.peers.channel(addr).map_err(|e| status::unavailable(format!("{addr}: {e}")))?;
     Ok(ClusterAdminClient::new(ch))
 }
 
 /// This node's own admin endpoint: per-group steps go through it, and get forwarded.
-fn me(ctx: &NodeContext) -> Result<ClusterAdminClient<Channel>, Status> {
+fn me(ctx: &NodeContext) -> Result<ClusterAdminClient<PeerChannel>, Status> {
     admin(ctx, &ctx.addr)
 }
 

@@ -19,7 +19,7 @@ use redpacket_proto::v1::red_packet_server::RedPacket;
 use tonic::Request;
 use tonic::Response;
 use tonic::Status;
-use tonic::transport::Channel;
+use crate::raft::network::PeerChannel;
 
 use super::FORWARD_TIMEOUT;
 use super::FORWARDED_HEADER;
@@ -78,7 +78,7 @@ impl PacketService {
         PacketService { ctx }
     }
 
-    fn client(&self, addr: &str) -> Result<RedPacketClient<Channel>, Status> {
+    fn client(&self, addr: &str) -> Result<RedPacketClient<PeerChannel>, Status> {
         let ch = self.ctx.peers.channel(addr).map_err(|e| status::unavailable(format!("leader at {addr}: {e}")))?;
         Ok(RedPacketClient::new(ch))
     }
