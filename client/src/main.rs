@@ -379,11 +379,15 @@ async fn print_status(client: &Client) {
                     worst_lag,
                     if s.initialized { "initialized" } else { "NOT initialized" }
                 );
-                println!("  {:>5} {:<9} {:>5} {:>6} {:>9} {:>9} {:>9}  voters", "group", "role", "term", "leader", "last_log", "applied", "snapshot");
+                println!(
+                    "  {:>5} {:<9} {:>5} {:>6} {:>9} {:>9} {:>9} {:>7}  voters",
+                    "group", "role", "term", "leader", "last_log", "applied", "snapshot", "max_lag"
+                );
                 let opt = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
                 for g in &s.groups {
+                    let lag = g.lag.iter().filter_map(|l| l.entries).max();
                     println!(
-                        "  {:>5} {:<9} {:>5} {:>6} {:>9} {:>9} {:>9}  {:?}",
+                        "  {:>5} {:<9} {:>5} {:>6} {:>9} {:>9} {:>9} {:>7}  {:?}",
                         g.group,
                         g.role,
                         g.term,
@@ -391,6 +395,7 @@ async fn print_status(client: &Client) {
                         opt(g.last_log_index),
                         opt(g.last_applied),
                         opt(g.snapshot_index),
+                        opt(lag),
                         g.voters
                     );
                 }

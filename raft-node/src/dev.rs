@@ -34,6 +34,7 @@ pub async fn run(dir: PathBuf, base_port: u16, nodes: u64) -> anyhow::Result<()>
         let port = base_port + (id - 1) as u16;
         let mut config = NodeConfig::local(id, port, dir.join(format!("node-{id}")));
         config.payment.endpoint = ledger_addr.to_string();
+        config.metrics_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], base_port + 199 + id as u16)));
         members.push(pb::Member { node_id: id, addr: config.advertise_addr() });
         let mut rx = stop_rx.clone();
         tasks.push(tokio::spawn(node::run(config, async move {
@@ -55,6 +56,7 @@ pub async fn run(dir: PathBuf, base_port: u16, nodes: u64) -> anyhow::Result<()>
     }
     let endpoints: Vec<&str> = members.iter().map(|m| m.addr.as_str()).collect();
     println!("endpoints: {}  ·  payment ledger: {ledger_addr}", endpoints.join(","));
+    println!("metrics: http://127.0.0.1:{}/metrics (node 1; node N on +N-1)", base_port + 200);
     println!("try:  redpacket wallet deposit --account alice --amount 100.00");
     println!("      redpacket send --from alice --total 10.00 --shares 3 --anyone");
     println!("press Ctrl-C to stop");

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod ledger;
+pub mod metrics;
 pub mod node;
 pub mod packet;
 pub mod raft;

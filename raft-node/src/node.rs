@@ -53,7 +53,17 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
         payment: config.payment.clone(),
         ledger: crate::settlement::ledger_client(&config.payment.endpoint)?,
         stopping: Default::default(),
+        metrics: crate::metrics::Metrics::new(node_id),
     });
+    let sampler = tokio::spawn(crate::metrics::sample_forever(ctx.metrics.clone(), groups.clone(), ctx.store.clone()));
+    let metrics_server = match config.metrics_addr {
+        Some(addr) => {
+            // Bind now so a bad address fails the start, not later.
+            let server = tokio::spawn(crate::metrics::serve(ctx.metrics.clone(), addr));
+            Some(server)
+        }
+        None => None,
+    };
 
     let balancer = config
         .raft
@@ -129,6 +139,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
         b.abort();
     }
     settler.abort();
+    sampler.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     groups.shutdown().await;
     Ok(())
 }

@@ -80,6 +80,8 @@ pub fn generate_tls(dir: &std::path::Path) -> anyhow::Result<redpacket_node::con
 pub struct TestNode {
     pub id: u64,
     pub addr: String,
+    /// Where the node serves Prometheus `/metrics`.
+    pub metrics_addr: String,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     child: Option<Child>,
@@ -158,13 +160,15 @@ impl Cluster {
             config.limits = spec.limits.clone();
             config.auth = spec.auth.clone();
             config.tls = tls.clone();
+            let metrics_addr = format!("127.0.0.1:{}", free_port());
+            config.metrics_addr = Some(metrics_addr.parse()?);
             config.payment.endpoint = ledger.addr.clone();
             config.payment.settle_interval_ms = 100;
             config.payment.fund_timeout_ms = 3000;
             let config_path = dir.path().join(format!("node-{id}.toml"));
             std::fs::write(&config_path, toml::to_string(&config)?)?;
             let log_path = dir.path().join(format!("node-{id}.log"));
-            nodes.insert(id, TestNode { id, addr: config.advertise_addr(), config_path, log_path, child: None });
+            nodes.insert(id, TestNode { id, addr: config.advertise_addr(), metrics_addr, config_path, log_path, child: None });
         }
         let mut cluster = Cluster { nodes, ledger, spec, tls, dir };
         cluster.start_ledger()?;
@@ -201,6 +205,8 @@ impl Cluster {
         config.limits = self.spec.limits.clone();
         config.auth = self.spec.auth.clone();
         config.tls = self.tls.clone();
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        config.metrics_addr = Some(metrics_addr.parse()?);
         config.payment.endpoint = self.ledger.addr.clone();
         config.payment.settle_interval_ms = 100;
         config.payment.fund_timeout_ms = 3000;
@@ -208,7 +214,7 @@ impl Cluster {
         std::fs::write(&config_path, toml::to_string(&config)?)?;
         let log_path = self.dir.path().join(format!("node-{id}.log"));
         let addr = config.advertise_addr();
-        self.nodes.insert(id, TestNode { id, addr: addr.clone(), config_path, log_path, child: None });
+        self.nodes.insert(id, TestNode { id, addr: addr.clone(), metrics_addr, config_path, log_path, child: None });
         self.start_node(id)?;
         Ok(addr)
     }
@@ -374,6 +380,17 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         bail!("group {group} has no leader")
+    }
+
+    /// The text a node serves at `/metrics`.
+    pub async fn scrape(&self, id: u64) -> anyhow::Result<String> {
+        use tokio::io::AsyncReadExt;
+        use tokio::io::AsyncWriteExt;
+        let mut conn = tokio::net::TcpStream::connect(&self.nodes[&id].metrics_addr).await?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).await?;
+        Ok(body)
     }
 
     /// The last lines a node wrote to its log, for failure messages.

@@ -62,3 +62,34 @@ async fn health_reflection_status_and_leader_spread() {
     }
     panic!("leaders did not spread evenly within 15 s: {counts:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_metrics_report_requests_raft_and_money() {
+    let cluster = Cluster::start(ClusterSpec::default()).await.unwrap();
+    cluster.deposit("alice", 1000).await.unwrap();
+    let client = cluster.client_of(1);
+    let p = client.create_packet(redpacket_client::NewPacket::lucky("alice", 1000, 2, redpacket_client::Recipients::Anyone)).await.unwrap();
+    client.grab_and_open(&p.packet_id, "bob").await.unwrap();
+    let _ = client.grab("20261123000000000000000000000000", "bob").await; // NotFound
+    tokio::time::sleep(Duration::from_millis(1500)).await; // one sampling round
+    let text = cluster.scrape(1).await.unwrap();
+    assert!(text.starts_with("HTTP/1.") && text.contains(" 200 "), "{text}");
+    for expected in [
+        r#"redpacket_requests_total{code="Ok",method="grab_and_open",node="1"} 1"#,
+        r#"redpacket_requests_total{code="NotFound",method="grab",node="1"} 1"#,
+        "redpacket_request_duration_seconds_bucket",
+        "redpacket_raft_last_applied_index",
+        "redpacket_raft_is_leader",
+        "redpacket_unsettled_transfers",
+        "redpacket_rocksdb_size_bytes",
+    ] {
+        assert!(text.contains(expected), "missing {expected} in:\n{text}");
+    }
+    let leads: i64 = text
+        .lines()
+        .filter(|l| l.starts_with("redpacket_raft_is_leader{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+        .sum();
+    let status = cluster.status_of(1).await.unwrap();
+    assert_eq!(leads, status.groups.iter().filter(|g| g.role == "leader").count() as i64);
+}

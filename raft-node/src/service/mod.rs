@@ -31,6 +31,7 @@ pub struct NodeContext {
     pub limits: Limits,
     pub payment: PaymentSettings,
     pub ledger: PaymentLedgerClient<Channel>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Set when the node is shutting down: it hands its leaderships over and takes no more.
     pub stopping: std::sync::atomic::AtomicBool,
 }

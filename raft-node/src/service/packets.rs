@@ -95,6 +95,7 @@ impl PacketService {
             Route::Leader(addr) => return Ok(Err(addr)),
         };
         let command = make();
+        self.ctx.metrics.proposal(group);
         tracing::debug!(group, packet_id = ?command.packet_id(), %command, "propose");
         match tokio::time::timeout(PROPOSE_TIMEOUT, raft.client_write(command)).await {
             Err(_) => Err(status::unavailable(format!("group {group}: not committed within {PROPOSE_TIMEOUT:?}; retry"))),
@@ -199,9 +200,9 @@ fn open_reply(packet_id: &PacketId, reply: Reply) -> Result<pb::OpenResponse, St
     }
 }
 
-#[tonic::async_trait]
-impl RedPacket for PacketService {
-    async fn create_packet(&self, request: Request<pb::CreatePacketRequest>) -> Result<Response<pb::CreatePacketResponse>, Status> {
+/// The handlers; the trait implementation below wraps each with metrics and a log span.
+impl PacketService {
+    async fn handle_create_packet(&self, request: Request<pb::CreatePacketRequest>) -> Result<Response<pb::CreatePacketResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let body = request.into_inner();
         let create = convert::create_from_pb(body.clone())?
@@ -238,7 +239,7 @@ impl RedPacket for PacketService {
         }
     }
 
-    async fn grab(&self, request: Request<pb::GrabRequest>) -> Result<Response<pb::GrabResponse>, Status> {
+    async fn handle_grab(&self, request: Request<pb::GrabRequest>) -> Result<Response<pb::GrabResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let body = request.into_inner();
         let packet_id = parse_packet_id(&body.packet_id)?;
@@ -255,7 +256,7 @@ impl RedPacket for PacketService {
         }
     }
 
-    async fn open(&self, request: Request<pb::OpenRequest>) -> Result<Response<pb::OpenResponse>, Status> {
+    async fn handle_open(&self, request: Request<pb::OpenRequest>) -> Result<Response<pb::OpenResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let body = request.into_inner();
         let packet_id = parse_packet_id(&body.packet_id)?;
@@ -268,7 +269,7 @@ impl RedPacket for PacketService {
         }
     }
 
-    async fn grab_and_open(&self, request: Request<pb::GrabRequest>) -> Result<Response<pb::OpenResponse>, Status> {
+    async fn handle_grab_and_open(&self, request: Request<pb::GrabRequest>) -> Result<Response<pb::OpenResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let body = request.into_inner();
         let packet_id = parse_packet_id(&body.packet_id)?;
@@ -281,7 +282,7 @@ impl RedPacket for PacketService {
         }
     }
 
-    async fn get_packet(&self, request: Request<pb::GetPacketRequest>) -> Result<Response<pb::Packet>, Status> {
+    async fn handle_get_packet(&self, request: Request<pb::GetPacketRequest>) -> Result<Response<pb::Packet>, Status> {
         let forwarded = is_forwarded(&request);
         let body = request.into_inner();
         let packet_id = parse_packet_id(&body.packet_id)?;
@@ -294,5 +295,55 @@ impl RedPacket for PacketService {
             }
         }
         Ok(Response::new(self.read_packet(group, &packet_id)?))
+    }
+}
+
+impl PacketService {
+    /// Runs a handler inside a span naming the packet, and records its outcome and latency.
+    async fn observed<T>(
+        &self,
+        method: &'static str,
+        packet_id: &str,
+        handler: impl std::future::Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<Response<T>, Status> {
+        use tracing::Instrument;
+        let started = std::time::Instant::now();
+        let group = PacketId::parse(packet_id).map(|id| id.group(self.ctx.groups.count())).ok();
+        // Every log line of the request carries the packet and its group.
+        let span = tracing::info_span!("request", method, packet_id = %packet_id, group = ?group);
+        let result = handler.instrument(span).await;
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.ctx.metrics.request(method, started, code);
+        result
+    }
+}
+
+#[tonic::async_trait]
+impl RedPacket for PacketService {
+    async fn create_packet(&self, request: Request<pb::CreatePacketRequest>) -> Result<Response<pb::CreatePacketResponse>, Status> {
+        self.observed("create_packet", "", self.handle_create_packet(request)).await
+    }
+
+    async fn grab(&self, request: Request<pb::GrabRequest>) -> Result<Response<pb::GrabResponse>, Status> {
+        let id = request.get_ref().packet_id.clone();
+        self.observed("grab", &id, self.handle_grab(request)).await
+    }
+
+    async fn open(&self, request: Request<pb::OpenRequest>) -> Result<Response<pb::OpenResponse>, Status> {
+        let id = request.get_ref().packet_id.clone();
+        self.observed("open", &id, self.handle_open(request)).await
+    }
+
+    async fn grab_and_open(&self, request: Request<pb::GrabRequest>) -> Result<Response<pb::OpenResponse>, Status> {
+        let id = request.get_ref().packet_id.clone();
+        self.observed("grab_and_open", &id, self.handle_grab_and_open(request)).await
+    }
+
+    async fn get_packet(&self, request: Request<pb::GetPacketRequest>) -> Result<Response<pb::Packet>, Status> {
+        let id = request.get_ref().packet_id.clone();
+        self.observed("get_packet", &id, self.handle_get_packet(request)).await
     }
 }
