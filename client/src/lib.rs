@@ -421,9 +421,14 @@ impl Client {
 
     /// The status of every endpoint: `Err` for a node that did not answer (down).
     pub async fn cluster_status(&self) -> Vec<(String, Result<NodeStatus, Error>)> {
+        self.cluster_status_with(false).await
+    }
+
+    /// Like [`Client::cluster_status`], with each group's state digest when `with_digest`.
+    pub async fn cluster_status_with(&self, with_digest: bool) -> Vec<(String, Result<NodeStatus, Error>)> {
         let mut out = Vec::new();
         for (addr, channel) in self.endpoints.iter() {
-            let mut req = tonic::Request::new(pb::StatusRequest {});
+            let mut req = tonic::Request::new(pb::StatusRequest { with_digest });
             req.set_timeout(Duration::from_secs(2));
             let result = ClusterAdminClient::new(channel.clone())
                 .status(req)

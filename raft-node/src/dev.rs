@@ -79,7 +79,7 @@ pub async fn run(dir: PathBuf, base_port: u16, nodes: u64) -> anyhow::Result<()>
 async fn wait_until_serving(endpoint: &str) -> anyhow::Result<pb::NodeStatus> {
     for _ in 0..300 {
         if let Ok(mut c) = ClusterAdminClient::connect(endpoint.to_string()).await {
-            if let Ok(s) = c.status(pb::StatusRequest {}).await {
+            if let Ok(s) = c.status(pb::StatusRequest::default()).await {
                 return Ok(s.into_inner());
             }
         }

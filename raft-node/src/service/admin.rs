@@ -172,7 +172,7 @@ impl ClusterAdmin for AdminService {
                 .peers
                 .channel(&node.addr)
                 .map_err(|e| status::unavailable(format!("node {node_id} at {}: {e}", node.addr)))?;
-            let mut req = Request::new(pb::StatusRequest {});
+            let mut req = Request::new(pb::StatusRequest::default());
             req.set_timeout(Duration::from_secs(5));
             let peer = ClusterAdminClient::new(channel)
                 .status(req)
@@ -224,7 +224,8 @@ impl ClusterAdmin for AdminService {
         Ok(Response::new(pb::InitGroupsResponse {}))
     }
 
-    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::NodeStatus>, Status> {
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::NodeStatus>, Status> {
+        let with_digest = request.get_ref().with_digest;
         let groups = self
             .ctx
             .groups
@@ -258,9 +259,19 @@ impl ClusterAdmin for AdminService {
                                 .collect()
                         })
                         .unwrap_or_default(),
+                    state_digest: None,
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let mut groups = groups;
+        if with_digest {
+            for g in &mut groups {
+                let (applied, digest) = self.ctx.store.reader(g.group).digest().map_err(status::internal)?;
+                // The digest describes the state at its own applied index.
+                g.last_applied = applied;
+                g.state_digest = Some(digest);
+            }
+        }
         Ok(Response::new(pb::NodeStatus {
             node_id: self.ctx.node_id,
             addr: self.ctx.addr.clone(),

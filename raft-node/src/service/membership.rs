@@ -255,7 +255,7 @@ async fn check_add(ctx: &NodeContext, node_id: NodeId, addr: &str) -> Result<(),
         }
     }
     let probe = admin(ctx, addr)?
-        .status(with_timeout(pb::StatusRequest {}, Duration::from_secs(5)))
+        .status(with_timeout(pb::StatusRequest::default(), Duration::from_secs(5)))
         .await
         .map_err(|e| status::unavailable(format!("addr: the new node at {addr} does not answer: {}", e.message())))?
         .into_inner();
@@ -319,7 +319,7 @@ async fn check_remove(ctx: &NodeContext, node_id: NodeId) -> Result<Vec<NodeId>,
     }
     let removed_alive = match nodes.iter().find(|(n, _)| *n == node_id) {
         Some((_, node)) => match admin(ctx, &node.addr) {
-            Ok(mut c) => c.status(with_timeout(pb::StatusRequest {}, Duration::from_secs(2))).await.is_ok(),
+            Ok(mut c) => c.status(with_timeout(pb::StatusRequest::default(), Duration::from_secs(2))).await.is_ok(),
             Err(_) => false,
         },
         None => false,
@@ -328,7 +328,7 @@ async fn check_remove(ctx: &NodeContext, node_id: NodeId) -> Result<Vec<NodeId>,
     for id in &remaining {
         let Some((_, node)) = nodes.iter().find(|(n, _)| n == id) else { continue };
         let answered = match admin(ctx, &node.addr) {
-            Ok(mut c) => c.status(with_timeout(pb::StatusRequest {}, Duration::from_secs(2))).await.is_ok(),
+            Ok(mut c) => c.status(with_timeout(pb::StatusRequest::default(), Duration::from_secs(2))).await.is_ok(),
             Err(_) => false,
         };
         if answered {
