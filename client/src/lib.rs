@@ -34,6 +34,7 @@ use redpacket_proto::v1::cluster_admin_client::ClusterAdminClient;
 use redpacket_proto::v1::red_packet_client::RedPacketClient;
 pub use redpacket_proto::v1::NodeStatus;
 pub use redpacket_proto::v1::Packet;
+pub use redpacket_proto::v1::Claim as PacketClaim;
 pub use redpacket_proto::v1::PacketStage;
 pub use redpacket_proto::v1::ReadConsistency;
 pub use redpacket_proto::v1::ReconcileReport;

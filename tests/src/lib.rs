@@ -2,6 +2,8 @@
 //! directory and port, for end-to-end tests. Nodes can be killed with SIGKILL, stopped with
 //! SIGTERM and restarted on the same data. Everything is torn down when the cluster drops.
 
+pub mod chaos;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Child;
@@ -119,8 +121,12 @@ fn test_binary(env: &str, name: &str) -> PathBuf {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test binary>  ->  target/<profile>/<name>
-    exe.parent().and_then(|deps| deps.parent()).map(|dir| dir.join(name)).expect("target dir")
+    // target/<profile>/deps/<test binary> or target/<profile>/<binary>  ->  target/<profile>/<name>
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    dir.join(name)
 }
 
 fn spawn(binary: &PathBuf, args: &[&std::ffi::OsStr], log_path: &PathBuf) -> anyhow::Result<Child> {
@@ -299,6 +305,26 @@ impl Cluster {
         Ok(())
     }
 
+    /// SIGSTOP: the process freezes (a long GC-like pause), holding its sockets open.
+    pub fn pause(&self, id: u64) -> anyhow::Result<()> {
+        self.signal(id, nix::sys::signal::Signal::SIGSTOP)
+    }
+
+    /// SIGCONT: a paused process resumes.
+    pub fn resume(&self, id: u64) -> anyhow::Result<()> {
+        self.signal(id, nix::sys::signal::Signal::SIGCONT)
+    }
+
+    fn signal(&self, id: u64, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let child = self.nodes.get(&id).and_then(|n| n.child.as_ref()).context("node not running")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)?;
+        Ok(())
+    }
+
+    pub fn ledger_running(&self) -> bool {
+        self.ledger.child.is_some()
+    }
+
     pub fn is_running(&self, id: u64) -> bool {
         self.nodes.get(&id).is_some_and(|n| n.child.is_some())
     }
@@ -404,6 +430,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for id in self.node_ids() {
+            let _ = self.resume(id);
             self.kill(id);
         }
         self.kill_ledger();

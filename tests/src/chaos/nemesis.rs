@@ -1,0 +1,155 @@
+//! The nemesis: faults injected on a seeded schedule while the workload runs. Each fault is
+//! applied, held for a while, then healed; every step is written to the history.
+
+use std::time::Duration;
+
+use rand::RngExt;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tokio::time::Instant;
+
+use super::history::History;
+use super::history::Op;
+use super::history::Outcome;
+use crate::Cluster;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// SIGKILL the leader of the hot packet's group, restart it after a while.
+    KillLeader,
+    /// SIGKILL a follower of that group.
+    KillFollower,
+    /// SIGKILL two nodes at once (five-node clusters).
+    KillTwo,
+    /// SIGSTOP the leader (a long GC-like pause), then SIGCONT.
+    Pause,
+    /// Kill the payment ledger, restart it after a while.
+    Ledger,
+}
+
+impl Fault {
+    pub fn parse(s: &str) -> Option<Fault> {
+        Some(match s {
+            "kill-leader" => Fault::KillLeader,
+            "kill-follower" => Fault::KillFollower,
+            "kill-two" => Fault::KillTwo,
+            "pause" => Fault::Pause,
+            "ledger" => Fault::Ledger,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::KillLeader => "kill-leader",
+            Fault::KillFollower => "kill-follower",
+            Fault::KillTwo => "kill-two",
+            Fault::Pause => "pause",
+            Fault::Ledger => "ledger",
+        }
+    }
+
+    pub const ALL: [Fault; 5] = [Fault::KillLeader, Fault::KillFollower, Fault::KillTwo, Fault::Pause, Fault::Ledger];
+}
+
+/// What a fault did, so it can be healed.
+enum Applied {
+    Killed(Vec<u64>),
+    Paused(u64),
+    LedgerDown,
+}
+
+fn event(history: &History, start: u64, fault: &str, target: String) {
+    history.record("nemesis", start, Op::Nemesis { fault: fault.into(), target }, Outcome::Done);
+}
+
+/// Injects faults until `deadline`, then heals everything. Returns how many of each kind ran.
+pub async fn run(
+    cluster: &mut Cluster,
+    faults: &[Fault],
+    seed: u64,
+    hot_group: u32,
+    history: &History,
+    deadline: Instant,
+) -> std::collections::BTreeMap<&'static str, u32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(0x6e656d65736973));
+    let mut counts = std::collections::BTreeMap::new();
+    let usable: Vec<Fault> = faults.iter().copied().filter(|f| *f != Fault::KillTwo || cluster.node_ids().len() >= 5).collect();
+    if usable.is_empty() {
+        tokio::time::sleep_until(deadline).await;
+        return counts;
+    }
+    loop {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(800..2500))).await;
+        if Instant::now() + Duration::from_secs(3) > deadline {
+            break;
+        }
+        let fault = usable[rng.random_range(0..usable.len())];
+        let start = history.now_ms();
+        let applied = match fault {
+            Fault::KillLeader | Fault::Pause | Fault::KillFollower => {
+                let Ok(leader) = cluster.leader_of(hot_group).await else { continue };
+                let target = if fault == Fault::KillFollower {
+                    let others: Vec<u64> = cluster.node_ids().into_iter().filter(|n| *n != leader && cluster.is_running(*n)).collect();
+                    if others.is_empty() {
+                        continue;
+                    }
+                    others[rng.random_range(0..others.len())]
+                } else {
+                    leader
+                };
+                if fault == Fault::Pause {
+                    let _ = cluster.pause(target);
+                    Applied::Paused(target)
+                } else {
+                    cluster.kill(target);
+                    Applied::Killed(vec![target])
+                }
+            }
+            Fault::KillTwo => {
+                let mut ids = cluster.node_ids();
+                let a = ids.remove(rng.random_range(0..ids.len()));
+                let b = ids.remove(rng.random_range(0..ids.len()));
+                cluster.kill(a);
+                cluster.kill(b);
+                Applied::Killed(vec![a, b])
+            }
+            Fault::Ledger => {
+                cluster.kill_ledger();
+                Applied::LedgerDown
+            }
+        };
+        let target = match &applied {
+            Applied::Killed(ids) => format!("{ids:?}"),
+            Applied::Paused(id) => format!("[{id}]"),
+            Applied::LedgerDown => "ledger".into(),
+        };
+        event(history, start, fault.name(), target.clone());
+        *counts.entry(fault.name()).or_default() += 1;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1000..3000))).await;
+        let start = history.now_ms();
+        heal(cluster, applied).await;
+        event(history, start, "heal", target);
+    }
+    counts
+}
+
+async fn heal(cluster: &mut Cluster, applied: Applied) {
+    match applied {
+        Applied::Killed(ids) => {
+            for id in ids {
+                if let Err(e) = cluster.start_node(id) {
+                    tracing::warn!("restarting node {id}: {e}");
+                }
+            }
+        }
+        Applied::Paused(id) => {
+            let _ = cluster.resume(id);
+        }
+        Applied::LedgerDown => {
+            if let Err(e) = cluster.start_ledger() {
+                tracing::warn!("restarting the ledger: {e}");
+            }
+        }
+    }
+}
