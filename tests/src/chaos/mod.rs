@@ -151,10 +151,17 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
     problems.extend(checker::check(&events, &packets).problems);
     problems.extend(replicas_agree(&cluster).await);
 
-    let terms = match cluster.status_of(cluster.node_ids()[0]).await {
-        Ok(s) => s.groups.iter().map(|g| g.term).sum(),
-        Err(_) => 0,
-    };
+    // The highest term any node reports for each group, summed: elections and hand-overs.
+    let mut term_of: BTreeMap<u32, u64> = BTreeMap::new();
+    for id in cluster.node_ids() {
+        if let Ok(s) = cluster.status_of(id).await {
+            for g in s.groups {
+                let t = term_of.entry(g.group).or_default();
+                *t = (*t).max(g.term);
+            }
+        }
+    }
+    let terms = term_of.values().sum();
     let count = |f: fn(&Outcome) -> bool| events.iter().filter(|e| e.op.packet_id().is_some() || matches!(e.op, history::Op::Create { .. })).filter(|e| f(&e.outcome)).count();
     let report = Report {
         operations: count(|_| true),
