@@ -154,8 +154,17 @@ fn from_reply<T: DeserializeOwned>(target: NodeId, reply: RaftReply) -> Result<T
     codec::decode(&reply.payload).map_err(|e| network(format!("node {target}: bad reply: {e}")))
 }
 
+/// Whether this node's Raft traffic is cut (the `raft-isolate` failpoint: a simulated
+/// network partition around the node, both directions; test builds only).
+pub fn isolated() -> bool {
+    fail::eval("raft-isolate", |_| ()).is_some()
+}
+
 impl PeerConnection {
     fn client(&self) -> Result<RaftTransportClient<PeerChannel>, RPCError<TypeConfig>> {
+        if isolated() {
+            return Err(unreachable(format!("node {}: partitioned (raft-isolate)", self.target)));
+        }
         self.client.clone().map_err(|e| unreachable(format!("node {}: {e}", self.target)))
     }
 

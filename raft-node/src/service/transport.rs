@@ -33,6 +33,9 @@ impl TransportService {
     }
 
     fn raft(&self, group: u32) -> Result<&Raft, Status> {
+        if crate::raft::network::isolated() {
+            return Err(Status::unavailable("partitioned (raft-isolate)"));
+        }
         self.ctx
             .groups
             .get(group)

@@ -14,8 +14,9 @@ struct Cli {
     /// How long the workload and the nemesis run, e.g. 30s, 10m.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Faults to inject (comma-separated): kill-leader, kill-follower, kill-two, pause, ledger.
-    #[arg(long, default_value = "kill-leader,kill-follower,kill-two,pause,ledger")]
+    /// Faults to inject (comma-separated): kill-leader, kill-follower, kill-two, pause, ledger,
+    /// partition.
+    #[arg(long, default_value = "kill-leader,kill-follower,kill-two,pause,ledger,partition")]
     nemesis: String,
     /// Seed of the workload and the fault schedule (random when absent; printed).
     #[arg(long)]

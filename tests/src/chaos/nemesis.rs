@@ -25,6 +25,10 @@ pub enum Fault {
     Pause,
     /// Kill the payment ledger, restart it after a while.
     Ledger,
+    /// Cut the leader's Raft traffic both ways (a partition isolating it from its
+    /// followers), then heal it. Simulated inside the node (`raft-isolate` failpoint): its
+    /// clients still reach it, which is the interesting case for a stale leader.
+    Partition,
 }
 
 impl Fault {
@@ -35,6 +39,7 @@ impl Fault {
             "kill-two" => Fault::KillTwo,
             "pause" => Fault::Pause,
             "ledger" => Fault::Ledger,
+            "partition" => Fault::Partition,
             _ => return None,
         })
     }
@@ -46,16 +51,18 @@ impl Fault {
             Fault::KillTwo => "kill-two",
             Fault::Pause => "pause",
             Fault::Ledger => "ledger",
+            Fault::Partition => "partition",
         }
     }
 
-    pub const ALL: [Fault; 5] = [Fault::KillLeader, Fault::KillFollower, Fault::KillTwo, Fault::Pause, Fault::Ledger];
+    pub const ALL: [Fault; 6] = [Fault::KillLeader, Fault::KillFollower, Fault::KillTwo, Fault::Pause, Fault::Ledger, Fault::Partition];
 }
 
 /// What a fault did, so it can be healed.
 enum Applied {
     Killed(Vec<u64>),
     Paused(u64),
+    Isolated(u64),
     LedgerDown,
 }
 
@@ -87,7 +94,7 @@ pub async fn run(
         let fault = usable[rng.random_range(0..usable.len())];
         let start = history.now_ms();
         let applied = match fault {
-            Fault::KillLeader | Fault::Pause | Fault::KillFollower => {
+            Fault::KillLeader | Fault::Pause | Fault::KillFollower | Fault::Partition => {
                 let Ok(leader) = cluster.leader_of(hot_group).await else { continue };
                 let target = if fault == Fault::KillFollower {
                     let others: Vec<u64> = cluster.node_ids().into_iter().filter(|n| *n != leader && cluster.is_running(*n)).collect();
@@ -101,6 +108,11 @@ pub async fn run(
                 if fault == Fault::Pause {
                     let _ = cluster.pause(target);
                     Applied::Paused(target)
+                } else if fault == Fault::Partition {
+                    if cluster.client_of(target).set_failpoint("raft-isolate", "return").await.is_err() {
+                        continue;
+                    }
+                    Applied::Isolated(target)
                 } else {
                     cluster.kill(target);
                     Applied::Killed(vec![target])
@@ -121,7 +133,7 @@ pub async fn run(
         };
         let target = match &applied {
             Applied::Killed(ids) => format!("{ids:?}"),
-            Applied::Paused(id) => format!("[{id}]"),
+            Applied::Paused(id) | Applied::Isolated(id) => format!("[{id}]"),
             Applied::LedgerDown => "ledger".into(),
         };
         event(history, start, fault.name(), target.clone());
@@ -145,6 +157,14 @@ async fn heal(cluster: &mut Cluster, applied: Applied) {
         }
         Applied::Paused(id) => {
             let _ = cluster.resume(id);
+        }
+        Applied::Isolated(id) => {
+            for _ in 0..20 {
+                if cluster.client_of(id).set_failpoint("raft-isolate", "off").await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
         Applied::LedgerDown => {
             if let Err(e) = cluster.start_ledger() {
