@@ -305,6 +305,12 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops tracking node `id` (after it was removed from the cluster and stopped).
+    pub fn forget_node(&mut self, id: u64) {
+        self.kill(id);
+        self.nodes.remove(&id);
+    }
+
     /// SIGSTOP: the process freezes (a long GC-like pause), holding its sockets open.
     pub fn pause(&self, id: u64) -> anyhow::Result<()> {
         self.signal(id, nix::sys::signal::Signal::SIGSTOP)

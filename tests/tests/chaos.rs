@@ -20,6 +20,6 @@ async fn scenario(nodes: u64, faults: Vec<Fault>, seed: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_scenarios_leave_every_cent_in_place() {
     scenario(3, vec![Fault::KillLeader, Fault::Pause, Fault::Partition], 1).await;
-    scenario(3, vec![Fault::KillFollower, Fault::Ledger], 2).await;
+    scenario(3, vec![Fault::KillFollower, Fault::Ledger, Fault::Membership], 2).await;
     scenario(5, vec![Fault::KillTwo, Fault::KillLeader], 3).await;
 }

@@ -15,8 +15,8 @@ struct Cli {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Faults to inject (comma-separated): kill-leader, kill-follower, kill-two, pause, ledger,
-    /// partition.
-    #[arg(long, default_value = "kill-leader,kill-follower,kill-two,pause,ledger,partition")]
+    /// partition, membership.
+    #[arg(long, default_value = "kill-leader,kill-follower,kill-two,pause,ledger,partition,membership")]
     nemesis: String,
     /// Seed of the workload and the fault schedule (random when absent; printed).
     #[arg(long)]

@@ -46,8 +46,10 @@ pub struct Report {
     pub refused: usize,
     pub unknown: usize,
     pub faults: BTreeMap<&'static str, u32>,
-    /// Sum over groups of the final term: how many elections happened.
+    /// Sum over groups of the final term: elections and leader hand-overs.
     pub terms: u64,
+    /// The final term of each group.
+    pub term_by_group: BTreeMap<u32, u64>,
     pub reconcile: Option<redpacket_client::ReconcileReport>,
 }
 
@@ -58,8 +60,8 @@ impl Report {
 
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "{} operations ({} acknowledged, {} refused, {} unknown) · faults {:?} · terms summed over groups {}",
-            self.operations, self.acknowledged, self.refused, self.unknown, self.faults, self.terms
+            "{} operations ({} acknowledged, {} refused, {} unknown) · faults {:?} · final term per group {:?}",
+            self.operations, self.acknowledged, self.refused, self.unknown, self.faults, self.term_by_group
         );
         if let Some(r) = &self.reconcile {
             s.push_str(&format!(
@@ -162,6 +164,8 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
         }
     }
     let terms = term_of.values().sum();
+    let hot_group = hot.group;
+    tracing::info!(hot_group, "final terms: {term_of:?}");
     let count = |f: fn(&Outcome) -> bool| events.iter().filter(|e| e.op.packet_id().is_some() || matches!(e.op, history::Op::Create { .. })).filter(|e| f(&e.outcome)).count();
     let report = Report {
         operations: count(|_| true),
@@ -171,6 +175,7 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
         problems,
         faults,
         terms,
+        term_by_group: term_of,
         reconcile: reconcile.ok(),
     };
     std::fs::write(scenario.out_dir.join("verdict.txt"), report.summary())?;

@@ -29,6 +29,8 @@ pub enum Fault {
     /// followers), then heal it. Simulated inside the node (`raft-isolate` failpoint): its
     /// clients still reach it, which is the interesting case for a stale leader.
     Partition,
+    /// Add a fresh node to every group during the load, later remove it again.
+    Membership,
 }
 
 impl Fault {
@@ -40,6 +42,7 @@ impl Fault {
             "pause" => Fault::Pause,
             "ledger" => Fault::Ledger,
             "partition" => Fault::Partition,
+            "membership" => Fault::Membership,
             _ => return None,
         })
     }
@@ -52,10 +55,12 @@ impl Fault {
             Fault::Pause => "pause",
             Fault::Ledger => "ledger",
             Fault::Partition => "partition",
+            Fault::Membership => "membership",
         }
     }
 
-    pub const ALL: [Fault; 6] = [Fault::KillLeader, Fault::KillFollower, Fault::KillTwo, Fault::Pause, Fault::Ledger, Fault::Partition];
+    pub const ALL: [Fault; 7] =
+        [Fault::KillLeader, Fault::KillFollower, Fault::KillTwo, Fault::Pause, Fault::Ledger, Fault::Partition, Fault::Membership];
 }
 
 /// What a fault did, so it can be healed.
@@ -63,6 +68,7 @@ enum Applied {
     Killed(Vec<u64>),
     Paused(u64),
     Isolated(u64),
+    Joined(u64),
     LedgerDown,
 }
 
@@ -81,17 +87,22 @@ pub async fn run(
 ) -> std::collections::BTreeMap<&'static str, u32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(0x6e656d65736973));
     let mut counts = std::collections::BTreeMap::new();
+    // Node ids are never reused, so new nodes count up from the original ones.
+    let mut next_new_id = cluster.node_ids().into_iter().max().unwrap_or(0) + 1;
     let usable: Vec<Fault> = faults.iter().copied().filter(|f| *f != Fault::KillTwo || cluster.node_ids().len() >= 5).collect();
     if usable.is_empty() {
         tokio::time::sleep_until(deadline).await;
         return counts;
     }
+    let mut round = 0;
     loop {
         tokio::time::sleep(Duration::from_millis(rng.random_range(800..2500))).await;
         if Instant::now() + Duration::from_secs(3) > deadline {
             break;
         }
-        let fault = usable[rng.random_range(0..usable.len())];
+        // Every enabled fault once, in order, then at random.
+        let fault = if round < usable.len() { usable[round] } else { usable[rng.random_range(0..usable.len())] };
+        round += 1;
         let start = history.now_ms();
         let applied = match fault {
             Fault::KillLeader | Fault::Pause | Fault::KillFollower | Fault::Partition => {
@@ -130,15 +141,31 @@ pub async fn run(
                 cluster.kill_ledger();
                 Applied::LedgerDown
             }
+            Fault::Membership => {
+                let id = next_new_id;
+                next_new_id += 1;
+                let Ok(addr) = cluster.spawn_new_node(id) else { continue };
+                let _ = cluster.wait_serving(id).await;
+                let member = cluster.node_ids()[0];
+                match cluster.client_of(member).add_node(id, &addr, |_| {}).await {
+                    Ok(()) => Applied::Joined(id),
+                    Err(e) => {
+                        tracing::warn!("nemesis: adding node {id}: {e}");
+                        cluster.forget_node(id);
+                        continue;
+                    }
+                }
+            }
         };
         let target = match &applied {
             Applied::Killed(ids) => format!("{ids:?}"),
-            Applied::Paused(id) | Applied::Isolated(id) => format!("[{id}]"),
+            Applied::Paused(id) | Applied::Isolated(id) | Applied::Joined(id) => format!("[{id}]"),
             Applied::LedgerDown => "ledger".into(),
         };
         event(history, start, fault.name(), target.clone());
         *counts.entry(fault.name()).or_default() += 1;
-        tokio::time::sleep(Duration::from_millis(rng.random_range(1000..3000))).await;
+        // Long enough for the followers to elect a new leader (election timeout + lease).
+        tokio::time::sleep(Duration::from_millis(rng.random_range(2500..5000))).await;
         let start = history.now_ms();
         heal(cluster, applied).await;
         event(history, start, "heal", target);
@@ -164,6 +191,13 @@ async fn heal(cluster: &mut Cluster, applied: Applied) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Applied::Joined(id) => {
+            let member = cluster.node_ids().into_iter().find(|n| *n != id).expect("a member");
+            match cluster.client_of(member).remove_node(id, |_| {}).await {
+                Ok(()) => cluster.forget_node(id),
+                Err(e) => tracing::warn!("nemesis: removing node {id}: {e}"),
             }
         }
         Applied::LedgerDown => {
