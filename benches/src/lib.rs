@@ -1,3 +1,9 @@
-//! redpacket's benchmarks. `cargo bench -p redpacket-bench` runs the criterion benches:
-//! `amounts` (the amount algorithm) and `apply` (one state-machine apply on RocksDB).
-//! The load generator against a running cluster comes with the performance work.
+//! redpacket's benchmarks.
+//!
+//! - `cargo bench -p redpacket-bench`: criterion benches of the amount algorithm (`amounts`)
+//!   and of one state-machine apply on RocksDB (`apply`);
+//! - `cargo run --release -p redpacket-bench -- hot|many|mixed`: the load generator
+//!   ([`local`] starts a local cluster of real processes for it; [`load`] drives it).
+
+pub mod load;
+pub mod local;

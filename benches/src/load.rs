@@ -1,0 +1,191 @@
+//! The workloads of the load generator, measured with HDR histograms. A run that loses or
+//! invents money is void: afterwards every packet's claims must sum to its total.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use redpacket_client::Client;
+use redpacket_client::Error;
+use redpacket_client::NewPacket;
+use redpacket_client::Recipients;
+
+/// What a run measured.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub workload: &'static str,
+    pub elapsed: Duration,
+    pub grabs: u64,
+    pub attempts: u64,
+    pub sold_out: u64,
+    pub errors: u64,
+    pub packets: u64,
+    /// Latency of successful grabs (µs).
+    pub grab_latency: Option<Histogram<u64>>,
+    /// Latency of sold-out answers (µs).
+    pub sold_out_latency: Option<Histogram<u64>>,
+    pub verified: bool,
+}
+
+impl Outcome {
+    pub fn grabs_per_second(&self) -> f64 {
+        self.grabs as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn quantiles(h: &Option<Histogram<u64>>) -> (f64, f64, f64) {
+        match h {
+            Some(h) if !h.is_empty() => (
+                h.value_at_quantile(0.5) as f64 / 1000.0,
+                h.value_at_quantile(0.99) as f64 / 1000.0,
+                h.value_at_quantile(0.999) as f64 / 1000.0,
+            ),
+            _ => (0.0, 0.0, 0.0),
+        }
+    }
+
+    pub fn table(&self) -> String {
+        let (p50, p99, p999) = Self::quantiles(&self.grab_latency);
+        let (s50, s99, _) = Self::quantiles(&self.sold_out_latency);
+        format!(
+            "workload {} · {:.1} s · {} packets\n  grabs/s {:>10.0}   grabs {:>8}   attempts {:>8}   sold out {:>8}   errors {}\n  grab latency ms    p50 {p50:.2}  p99 {p99:.2}  p99.9 {p999:.2}\n  sold-out latency ms p50 {s50:.2}  p99 {s99:.2}\n  money verified: {}",
+            self.workload,
+            self.elapsed.as_secs_f64(),
+            self.packets,
+            self.grabs_per_second(),
+            self.grabs,
+            self.attempts,
+            self.sold_out,
+            self.errors,
+            if self.verified { "every packet's claims sum to its total" } else { "NO — this run is void" }
+        )
+    }
+
+    pub fn json(&self) -> String {
+        let (p50, p99, p999) = Self::quantiles(&self.grab_latency);
+        let (s50, s99, _) = Self::quantiles(&self.sold_out_latency);
+        serde_json::json!({
+            "workload": self.workload, "elapsed_s": self.elapsed.as_secs_f64(), "packets": self.packets,
+            "grabs": self.grabs, "grabs_per_s": self.grabs_per_second(), "attempts": self.attempts,
+            "sold_out": self.sold_out, "errors": self.errors,
+            "grab_p50_ms": p50, "grab_p99_ms": p99, "grab_p999_ms": p999,
+            "sold_out_p50_ms": s50, "sold_out_p99_ms": s99, "verified": self.verified,
+        })
+        .to_string()
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+/// Shared counters and histograms of the racing tasks.
+#[derive(Default)]
+struct Tally {
+    grabs: AtomicU64,
+    attempts: AtomicU64,
+    sold_out: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// `packets` packets of `shares` shares raced by `concurrency` tasks of distinct users, each
+/// task grabbing random unfinished packets until all are sold out. `hot` is one packet.
+pub async fn race(client: &Client, name: &'static str, packets: u64, shares: u32, concurrency: usize, progress: bool) -> anyhow::Result<Outcome> {
+    let mut ids = Vec::new();
+    for _ in 0..packets {
+        let p = client.create_packet(NewPacket::lucky("bench-sender", u64::from(shares) * 100, shares, Recipients::Anyone)).await?;
+        ids.push(p.packet_id);
+    }
+    let ids = Arc::new(ids);
+    let open: Arc<Vec<AtomicBool>> = Arc::new((0..ids.len()).map(|_| AtomicBool::new(true)).collect());
+    let remaining = Arc::new(AtomicU64::new(ids.len() as u64));
+    let tally = Arc::new(Tally::default());
+    let next_user = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let reporter = progress.then(|| {
+        let tally = tally.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                eprintln!("  … {} grabs, {} attempts", tally.grabs.load(Ordering::Relaxed), tally.attempts.load(Ordering::Relaxed));
+            }
+        })
+    });
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|t| {
+            let (client, ids, open, remaining, tally, next_user) =
+                (client.clone(), ids.clone(), open.clone(), remaining.clone(), tally.clone(), next_user.clone());
+            tokio::spawn(async move {
+                let mut grab_h = histogram();
+                let mut sold_h = histogram();
+                let mut pick = t;
+                while remaining.load(Ordering::Relaxed) > 0 {
+                    pick = (pick + 1 + t * 7) % ids.len();
+                    if !open[pick].load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    let user = format!("bench-user-{}", next_user.fetch_add(1, Ordering::Relaxed));
+                    let t0 = Instant::now();
+                    tally.attempts.fetch_add(1, Ordering::Relaxed);
+                    match client.grab_and_open(&ids[pick], &user).await {
+                        Ok(_) => {
+                            let _ = grab_h.record(t0.elapsed().as_micros() as u64);
+                            tally.grabs.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(Error::SoldOut(_)) => {
+                            let _ = sold_h.record(t0.elapsed().as_micros() as u64);
+                            tally.sold_out.fetch_add(1, Ordering::Relaxed);
+                            if open[pick].swap(false, Ordering::Relaxed) {
+                                remaining.fetch_sub(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(_) => {
+                            tally.errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                (grab_h, sold_h)
+            })
+        })
+        .collect();
+    let mut grab_latency = histogram();
+    let mut sold_out_latency = histogram();
+    for t in tasks {
+        let (g, s) = t.await?;
+        grab_latency.add(&g)?;
+        sold_out_latency.add(&s)?;
+    }
+    let elapsed = started.elapsed();
+    if let Some(r) = reporter {
+        r.abort();
+    }
+    let verified = verify(client, &ids).await?;
+    Ok(Outcome {
+        workload: name,
+        elapsed,
+        grabs: tally.grabs.load(Ordering::Relaxed),
+        attempts: tally.attempts.load(Ordering::Relaxed),
+        sold_out: tally.sold_out.load(Ordering::Relaxed),
+        errors: tally.errors.load(Ordering::Relaxed),
+        packets,
+        grab_latency: Some(grab_latency),
+        sold_out_latency: Some(sold_out_latency),
+        verified,
+    })
+}
+
+/// Every packet is sold out and opened, and its claims sum exactly to its total.
+async fn verify(client: &Client, ids: &[String]) -> anyhow::Result<bool> {
+    for id in ids {
+        let p = client.get_packet(id).await?;
+        let sum: u64 = p.claims.iter().filter_map(|c| c.amount_cents).sum();
+        if p.shares_grabbed != p.shares || p.shares_opened != p.shares || sum != p.total_cents {
+            eprintln!("packet {id}: {} of {} grabbed, {} opened, {sum} of {} cents", p.shares_grabbed, p.shares, p.shares_opened, p.total_cents);
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}

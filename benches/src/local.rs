@@ -1,0 +1,98 @@
+//! A local cluster for the load generator: three node processes and the payment ledger,
+//! spawned from this very binary (`redpacket-bench serve-node` / `serve-payment`), on free
+//! loopback ports, with limits raised for benchmark-sized packets.
+
+use std::path::PathBuf;
+use std::process::Child;
+use std::process::Command;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use redpacket_client::Client;
+use redpacket_node::config::NodeConfig;
+
+pub struct LocalCluster {
+    pub endpoints: Vec<String>,
+    pub ledger: String,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl LocalCluster {
+    pub async fn start(nodes: u64, groups: u32) -> anyhow::Result<LocalCluster> {
+        let dir = tempfile::Builder::new().prefix("redpacket-bench-").tempdir()?;
+        let exe = std::env::current_exe()?;
+        let ledger = format!("127.0.0.1:{}", free_port()?);
+        let mut children = Vec::new();
+        let log = |name: &str| -> anyhow::Result<Stdio> { Ok(std::fs::File::create(dir.path().join(name))?.into()) };
+        children.push(
+            Command::new(&exe)
+                .args(["serve-payment", "--listen-addr", &ledger, "--data-dir"])
+                .arg(dir.path().join("payment"))
+                .stderr(log("payment.log")?)
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
+        let mut endpoints = Vec::new();
+        for id in 1..=nodes {
+            let mut config = NodeConfig::local(id, free_port()?, dir.path().join(format!("node-{id}")));
+            config.groups = groups;
+            config.limits.max_shares = 100_000;
+            config.limits.max_total_cents = 1_000_000_000_000;
+            config.payment.endpoint = ledger.clone();
+            let path: PathBuf = dir.path().join(format!("node-{id}.toml"));
+            std::fs::write(&path, toml::to_string(&config)?)?;
+            endpoints.push(config.advertise_addr());
+            children.push(
+                Command::new(&exe)
+                    .arg("serve-node")
+                    .arg("--config")
+                    .arg(&path)
+                    .env("RUST_LOG", "warn")
+                    .stderr(log(&format!("node-{id}.log"))?)
+                    .stdout(Stdio::null())
+                    .spawn()?,
+            );
+        }
+        let cluster = LocalCluster { endpoints, ledger, children, _dir: dir };
+        let client = Client::connect(&cluster.endpoints)?;
+        let mut members = Vec::new();
+        for _ in 0..300 {
+            members.clear();
+            for (_, s) in client.cluster_status().await {
+                if let Ok(s) = s {
+                    members.push((s.node_id, s.addr));
+                }
+            }
+            if members.len() == nodes as usize {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::ensure!(members.len() == nodes as usize, "the local nodes did not start");
+        client.init_cluster(&members).await.context("init")?;
+        // Wait until every group has a leader everywhere.
+        for _ in 0..300 {
+            let all = client.cluster_status().await;
+            if all.iter().all(|(_, s)| s.as_ref().is_ok_and(|s| s.groups.iter().all(|g| g.leader.is_some()))) {
+                return Ok(cluster);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("the local cluster did not elect leaders")
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
