@@ -271,10 +271,25 @@ async fn check_add(ctx: &NodeContext, node_id: NodeId, addr: &str) -> Result<(),
     Ok(())
 }
 
-pub fn add_node(ctx: Arc<NodeContext>, req: pb::AddNodeRequest) -> mpsc::Receiver<Result<pb::MembershipProgress, Status>> {
+/// Runs a membership change in its own task, streaming its progress and, if it fails, its
+/// error as the stream's last item.
+fn streamed<F, Fut>(change: F) -> mpsc::Receiver<Result<pb::MembershipProgress, Status>>
+where
+    F: FnOnce(Progress) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), Status>> + Send,
+{
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
-        let result = async {
+        if let Err(e) = change(tx.clone()).await {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    rx
+}
+
+pub fn add_node(ctx: Arc<NodeContext>, req: pb::AddNodeRequest) -> mpsc::Receiver<Result<pb::MembershipProgress, Status>> {
+    streamed(move |tx| async move {
+        {
             check_add(&ctx, req.node_id, &req.addr).await?;
             let op = format!("add-node:{}", req.node_id);
             lock(&ctx, &op).await?;
@@ -297,14 +312,9 @@ pub fn add_node(ctx: Arc<NodeContext>, req: pb::AddNodeRequest) -> mpsc::Receive
             }
             unlock(&ctx, &op).await?;
             send(&tx, 0, total, total, "done").await;
-            Ok::<(), Status>(())
+            Ok(())
         }
-        .await;
-        if let Err(e) = result {
-            let _ = tx.send(Err(e)).await;
-        }
-    });
-    rx
+    })
 }
 
 /// Refuses a removal that would leave any group unable to reach a quorum.
@@ -355,9 +365,8 @@ async fn check_remove(ctx: &NodeContext, node_id: NodeId) -> Result<Vec<NodeId>,
 }
 
 pub fn remove_node(ctx: Arc<NodeContext>, req: pb::RemoveNodeRequest) -> mpsc::Receiver<Result<pb::MembershipProgress, Status>> {
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        let result = async {
+    streamed(move |tx| async move {
+        {
             let remaining = check_remove(&ctx, req.node_id).await?;
             let op = format!("remove-node:{}", req.node_id);
             lock(&ctx, &op).await?;
@@ -385,12 +394,7 @@ pub fn remove_node(ctx: Arc<NodeContext>, req: pb::RemoveNodeRequest) -> mpsc::R
             send(&tx, 0, total, total, "id retired").await;
             unlock(&ctx, &op).await?;
             send(&tx, 0, total, total, "done").await;
-            Ok::<(), Status>(())
+            Ok(())
         }
-        .await;
-        if let Err(e) = result {
-            let _ = tx.send(Err(e)).await;
-        }
-    });
-    rx
+    })
 }
