@@ -121,10 +121,16 @@ pub async fn race(client: &Client, name: &'static str, packets: u64, shares: u32
             tokio::spawn(async move {
                 let mut grab_h = histogram();
                 let mut sold_h = histogram();
-                let mut pick = t;
+                // Each task starts at its own place and walks every packet in turn.
+                let mut pick = (t * 7919) % ids.len();
+                let mut skipped = 0u32;
                 while remaining.load(Ordering::Relaxed) > 0 {
-                    pick = (pick + 1 + t * 7) % ids.len();
+                    pick = (pick + 1) % ids.len();
                     if !open[pick].load(Ordering::Relaxed) {
+                        skipped += 1;
+                        if skipped % 256 == 0 {
+                            tokio::task::yield_now().await;
+                        }
                         continue;
                     }
                     let user = format!("bench-user-{}", next_user.fetch_add(1, Ordering::Relaxed));
