@@ -108,6 +108,32 @@ impl Packet {
         }
     }
 
+    /// What a grab by `user` would answer, decided from the applied state alone, when that
+    /// answer can never change: the share the user already holds (opened, for `open`), or a
+    /// permanent refusal (sold out, closed, funding failed, not a recipient). `None` when
+    /// only the log can decide. This is the leader's fast path (seed 002: "cache resists
+    /// invalid requests"); it never answers what a later entry could change.
+    pub fn settled_grab_answer(&self, user: &str, existing: Option<&Claim>, open: bool) -> Option<Result<Claim, PacketError>> {
+        let id = self.id().to_string();
+        if let Some(claim) = existing {
+            return (!open || claim.opened_at.is_some()).then(|| Ok(claim.clone()));
+        }
+        match self.stage {
+            Stage::Closed => return Some(Err(PacketError::Expired(id))),
+            Stage::FundingFailed => {
+                return Some(Err(PacketError::NotFunded { packet_id: id, reason: "funding failed".into() }));
+            }
+            Stage::Funding | Stage::Open => {}
+        }
+        if !self.terms.recipients.admits(user) {
+            return Some(Err(PacketError::NotARecipient { packet_id: id, user: user.to_string() }));
+        }
+        if self.grabbed == self.terms.shares {
+            return Some(Err(PacketError::SoldOut(id)));
+        }
+        None
+    }
+
     /// Records the outcome of the funding transfer. Only a packet still funding changes.
     pub fn funding_settled(&mut self, committed: bool) {
         if self.stage == Stage::Funding {
@@ -240,5 +266,16 @@ mod tests {
         assert!(matches!(p.open("b", Some(&b), 5_000), Err(PacketError::Expired(_))));
         assert!(matches!(p.grab("c", None, 5_000), Err(PacketError::Expired(_))));
         assert_eq!(p.opened_cents + p.refunded_cents, 300);
+    }
+
+    #[test]
+    fn the_fast_path_answers_only_what_cannot_change() {
+        let mut p = packet(1, 100, Recipients::Group(vec!["a".into(), "b".into()]));
+        assert_eq!(p.settled_grab_answer("a", None, false), None, "a share is left: the log decides");
+        assert!(matches!(p.settled_grab_answer("z", None, false), Some(Err(PacketError::NotARecipient { .. }))));
+        let a = p.grab("a", None, 2_000).unwrap().claim().clone();
+        assert_eq!(p.settled_grab_answer("a", Some(&a), false), Some(Ok(a.clone())));
+        assert_eq!(p.settled_grab_answer("a", Some(&a), true), None, "opening needs the log");
+        assert!(matches!(p.settled_grab_answer("b", None, false), Some(Err(PacketError::SoldOut(_)))));
     }
 }

@@ -125,6 +125,24 @@ impl PacketService {
         }
     }
 
+    /// The leader's fast path: a grab whose answer can no longer change (the user's share,
+    /// sold out, not a recipient, closed) is answered from the applied state, without a log
+    /// entry. Only the group leader answers this way, so its view is at most the newest.
+    fn fast_grab(&self, group: u32, id: &PacketId, user: &str, open: bool) -> Result<Option<Reply>, Status> {
+        let Some(raft) = self.ctx.groups.get(group) else { return Ok(None) };
+        if !raft.is_leader() {
+            return Ok(None);
+        }
+        let reader = self.ctx.store.reader(group);
+        let Some(packet) = reader.packet(id).map_err(status::internal)? else { return Ok(None) };
+        let claim = reader.claim(id, user).map_err(status::internal)?;
+        Ok(packet.settled_grab_answer(user, claim.as_ref(), open).map(|answer| match answer {
+            Ok(claim) if open => Reply::Opened { claim },
+            Ok(claim) => Reply::Grabbed { claim, shares_left: packet.shares_left() },
+            Err(refusal) => Reply::Refused(refusal),
+        }))
+    }
+
     fn read_packet(&self, group: u32, id: &PacketId) -> Result<pb::Packet, Status> {
         let reader = self.ctx.store.reader(group);
         let packet = reader
@@ -245,6 +263,11 @@ impl PacketService {
         let packet_id = parse_packet_id(&body.packet_id)?;
         check_user("user", &body.user)?;
         let group = packet_id.group(self.ctx.groups.count());
+        if let Some(reply) = self.fast_grab(group, &packet_id, &body.user, false)? {
+            let mut resp = grab_reply(reply)?;
+            resp.packet_id = packet_id.to_string();
+            return Ok(Response::new(resp));
+        }
         let make = || Command::Grab { packet_id: packet_id.clone(), user: body.user.clone(), at: now_millis(), open: false };
         match self.propose(group, forwarded, make).await? {
             Ok(reply) => {
@@ -275,6 +298,9 @@ impl PacketService {
         let packet_id = parse_packet_id(&body.packet_id)?;
         check_user("user", &body.user)?;
         let group = packet_id.group(self.ctx.groups.count());
+        if let Some(reply) = self.fast_grab(group, &packet_id, &body.user, true)? {
+            return Ok(Response::new(open_reply(&packet_id, reply)?));
+        }
         let make = || Command::Grab { packet_id: packet_id.clone(), user: body.user.clone(), at: now_millis(), open: true };
         match self.propose(group, forwarded, make).await? {
             Ok(reply) => Ok(Response::new(open_reply(&packet_id, reply)?)),

@@ -145,6 +145,10 @@ impl StateReader<'_> {
         }
     }
 
+    pub fn claim(&self, id: &PacketId, user: &str) -> io::Result<Option<Claim>> {
+        self.get(&keys::claim(self.group, id, user))
+    }
+
     /// Every claim on the packet, in share order.
     pub fn claims(&self, id: &PacketId) -> io::Result<Vec<Claim>> {
         let cf = self.db.cf_handle(keys::CF_SM).expect("cf sm");
