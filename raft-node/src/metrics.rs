@@ -118,8 +118,8 @@ impl Metrics {
                     self.lag.with_label_values(&[&g, &follower.to_string()]).set(behind as i64);
                 }
             }
-            if let Ok(pending) = store.reader(group).unsettled(100_000) {
-                self.unsettled.with_label_values(&[&g]).set(pending.len() as i64);
+            if let Ok(pending) = store.reader(group).unsettled_count() {
+                self.unsettled.with_label_values(&[&g]).set(pending as i64);
             }
         }
         let db = store.db();

@@ -69,7 +69,9 @@ impl Groups {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             {
-                let m = raft.metrics().borrow_watched().clone();
+                // Borrow, don't clone: this runs on every request.
+                let metrics = raft.metrics();
+                let m = metrics.borrow_watched();
                 if let Some(leader) = m.current_leader {
                     if let Some(node) = m.membership_config.membership().get_node(&leader) {
                         return Some((leader, node.clone()));

@@ -209,6 +209,11 @@ impl StateReader<'_> {
         Ok(out)
     }
 
+    /// How many transfers are unsettled, counting index keys without reading the transfers.
+    pub fn unsettled_count(&self) -> io::Result<usize> {
+        Ok(self.scan(&keys::unsettled_all(self.group), usize::MAX)?.len())
+    }
+
     /// Packets whose expiry time is at or before `now` and that are not closed yet.
     pub fn expired(&self, now: u64, limit: usize) -> io::Result<Vec<PacketId>> {
         let mut out = Vec::new();
