@@ -87,7 +87,12 @@ pub fn all_amounts(seed: &Seed, kind: Kind, total: Cents, shares: u32) -> Vec<Ce
 
 /// What remains after a share of `amount` is drawn.
 pub fn after(remaining: Remaining, amount: Cents) -> Remaining {
-    Remaining { cents: remaining.cents - amount, shares: remaining.shares - 1 }
+    // A draw never exceeds what remains and leaves a cent per later share; checked anyway,
+    // so a broken invariant stops the node instead of wrapping money around.
+    Remaining {
+        cents: remaining.cents.checked_sub(amount).expect("a share never exceeds what remains"),
+        shares: remaining.shares.checked_sub(1).expect("a share is drawn only while shares remain"),
+    }
 }
 
 /// A uniform integer in `[0, n)` by rejection sampling on 64-bit outputs: unbiased, and

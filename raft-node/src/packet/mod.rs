@@ -155,12 +155,12 @@ impl Packet {
     }
 
     pub fn shares_left(&self) -> u32 {
-        self.terms.shares - self.grabbed
+        self.terms.shares.checked_sub(self.grabbed).expect("grabbed never exceeds shares")
     }
 
     /// Money not yet revealed by an open.
     pub fn unopened_cents(&self) -> Cents {
-        self.terms.total - self.opened_cents
+        self.terms.total.checked_sub(self.opened_cents).expect("opened amounts never exceed the total")
     }
 
     pub fn is_expired(&self, now: Millis) -> bool {
