@@ -7,3 +7,4 @@
 
 pub mod load;
 pub mod local;
+pub mod peers;

@@ -1,6 +1,7 @@
 //! The workloads of the load generator, measured with HDR histograms. A run that loses or
 //! invents money is void: afterwards every packet's claims must sum to its total.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
@@ -22,6 +23,8 @@ pub struct Outcome {
     pub grabs: u64,
     pub attempts: u64,
     pub sold_out: u64,
+    /// Attempts turned away by admission control (and retried).
+    pub busy: u64,
     pub errors: u64,
     pub packets: u64,
     /// Latency of successful grabs (µs).
@@ -51,7 +54,7 @@ impl Outcome {
         let (p50, p99, p999) = Self::quantiles(&self.grab_latency);
         let (s50, s99, _) = Self::quantiles(&self.sold_out_latency);
         format!(
-            "workload {} · {:.1} s · {} packets\n  grabs/s {:>10.0}   grabs {:>8}   attempts {:>8}   sold out {:>8}   errors {}\n  grab latency ms    p50 {p50:.2}  p99 {p99:.2}  p99.9 {p999:.2}\n  sold-out latency ms p50 {s50:.2}  p99 {s99:.2}\n  money verified: {}",
+            "workload {} · {:.1} s · {} packets\n  grabs/s {:>10.0}   grabs {:>8}   attempts {:>8}   sold out {:>8}   busy {:>8}   errors {}\n  grab latency ms    p50 {p50:.2}  p99 {p99:.2}  p99.9 {p999:.2}\n  sold-out latency ms p50 {s50:.2}  p99 {s99:.2}\n  money verified: {}",
             self.workload,
             self.elapsed.as_secs_f64(),
             self.packets,
@@ -59,6 +62,7 @@ impl Outcome {
             self.grabs,
             self.attempts,
             self.sold_out,
+            self.busy,
             self.errors,
             if self.verified { "every packet's claims sum to its total" } else { "NO — this run is void" }
         )
@@ -70,7 +74,7 @@ impl Outcome {
         serde_json::json!({
             "workload": self.workload, "elapsed_s": self.elapsed.as_secs_f64(), "packets": self.packets,
             "grabs": self.grabs, "grabs_per_s": self.grabs_per_second(), "attempts": self.attempts,
-            "sold_out": self.sold_out, "errors": self.errors,
+            "sold_out": self.sold_out, "busy": self.busy, "errors": self.errors,
             "grab_p50_ms": p50, "grab_p99_ms": p99, "grab_p999_ms": p999,
             "sold_out_p50_ms": s50, "sold_out_p99_ms": s99, "verified": self.verified,
         })
@@ -88,16 +92,66 @@ struct Tally {
     grabs: AtomicU64,
     attempts: AtomicU64,
     sold_out: AtomicU64,
+    busy: AtomicU64,
     errors: AtomicU64,
+}
+
+/// What one grab attempt ended in, whatever the system under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// The user got a share (and, for redpacket, opened it).
+    Won,
+    /// No share left.
+    SoldOut,
+    /// Turned away for now (admission control); the share may still be there.
+    Busy,
+    /// Anything else: an error.
+    Failed,
+}
+
+/// A system the race can be run against: redpacket, or one of the designs it is compared
+/// with (`crate::peers`). The workload is the same for all: create packets, let distinct
+/// users grab until every packet is sold out, then check the money.
+pub trait Target: Clone + Send + Sync + 'static {
+    /// Creates a packet of `shares` shares summing to `total_cents`; returns its id.
+    fn create(&self, total_cents: u64, shares: u32) -> impl Future<Output = anyhow::Result<String>> + Send;
+    /// `user` grabs a share of `packet`.
+    fn grab(&self, packet: &str, user: &str) -> impl Future<Output = Attempt> + Send;
+    /// Every packet is fully taken and its shares sum exactly to its total.
+    fn verify(&self, packets: &[String]) -> impl Future<Output = anyhow::Result<bool>> + Send;
+}
+
+/// redpacket through its client crate. A grab is `grab_and_open`: the user's share is taken,
+/// revealed and its payment recorded in the log, all in one acknowledged round trip.
+#[derive(Clone)]
+pub struct Redpacket(pub Client);
+
+impl Target for Redpacket {
+    async fn create(&self, total_cents: u64, shares: u32) -> anyhow::Result<String> {
+        let p = self.0.create_packet(NewPacket::lucky("bench-sender", total_cents, shares, Recipients::Anyone)).await?;
+        Ok(p.packet_id)
+    }
+
+    async fn grab(&self, packet: &str, user: &str) -> Attempt {
+        match self.0.grab_and_open(packet, user).await {
+            Ok(_) => Attempt::Won,
+            Err(Error::SoldOut(_)) => Attempt::SoldOut,
+            Err(Error::Busy(_)) => Attempt::Busy,
+            Err(_) => Attempt::Failed,
+        }
+    }
+
+    async fn verify(&self, packets: &[String]) -> anyhow::Result<bool> {
+        verify(&self.0, packets).await
+    }
 }
 
 /// `packets` packets of `shares` shares raced by `concurrency` tasks of distinct users, each
 /// task grabbing random unfinished packets until all are sold out. `hot` is one packet.
-pub async fn race(client: &Client, name: &'static str, packets: u64, shares: u32, concurrency: usize, progress: bool) -> anyhow::Result<Outcome> {
+pub async fn race<T: Target>(target: &T, name: &'static str, packets: u64, shares: u32, concurrency: usize, progress: bool) -> anyhow::Result<Outcome> {
     let mut ids = Vec::new();
     for _ in 0..packets {
-        let p = client.create_packet(NewPacket::lucky("bench-sender", u64::from(shares) * 100, shares, Recipients::Anyone)).await?;
-        ids.push(p.packet_id);
+        ids.push(target.create(u64::from(shares) * 100, shares).await?);
     }
     let ids = Arc::new(ids);
     let open: Arc<Vec<AtomicBool>> = Arc::new((0..ids.len()).map(|_| AtomicBool::new(true)).collect());
@@ -116,8 +170,8 @@ pub async fn race(client: &Client, name: &'static str, packets: u64, shares: u32
     });
     let tasks: Vec<_> = (0..concurrency)
         .map(|t| {
-            let (client, ids, open, remaining, tally, next_user) =
-                (client.clone(), ids.clone(), open.clone(), remaining.clone(), tally.clone(), next_user.clone());
+            let (target, ids, open, remaining, tally, next_user) =
+                (target.clone(), ids.clone(), open.clone(), remaining.clone(), tally.clone(), next_user.clone());
             tokio::spawn(async move {
                 let mut grab_h = histogram();
                 let mut sold_h = histogram();
@@ -136,19 +190,25 @@ pub async fn race(client: &Client, name: &'static str, packets: u64, shares: u32
                     let user = format!("bench-user-{}", next_user.fetch_add(1, Ordering::Relaxed));
                     let t0 = Instant::now();
                     tally.attempts.fetch_add(1, Ordering::Relaxed);
-                    match client.grab_and_open(&ids[pick], &user).await {
-                        Ok(_) => {
+                    match target.grab(&ids[pick], &user).await {
+                        Attempt::Won => {
                             let _ = grab_h.record(t0.elapsed().as_micros() as u64);
                             tally.grabs.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(Error::SoldOut(_)) => {
+                        Attempt::SoldOut => {
                             let _ = sold_h.record(t0.elapsed().as_micros() as u64);
                             tally.sold_out.fetch_add(1, Ordering::Relaxed);
                             if open[pick].swap(false, Ordering::Relaxed) {
                                 remaining.fetch_sub(1, Ordering::Relaxed);
                             }
                         }
-                        Err(_) => {
+                        Attempt::Busy => {
+                            tally.busy.fetch_add(1, Ordering::Relaxed);
+                            // The few shares left are spoken for by grabs in flight: come back
+                            // shortly rather than hammer the leader.
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                        Attempt::Failed => {
                             tally.errors.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -168,13 +228,14 @@ pub async fn race(client: &Client, name: &'static str, packets: u64, shares: u32
     if let Some(r) = reporter {
         r.abort();
     }
-    let verified = verify(client, &ids).await?;
+    let verified = target.verify(&ids).await?;
     Ok(Outcome {
         workload: name,
         elapsed,
         grabs: tally.grabs.load(Ordering::Relaxed),
         attempts: tally.attempts.load(Ordering::Relaxed),
         sold_out: tally.sold_out.load(Ordering::Relaxed),
+        busy: tally.busy.load(Ordering::Relaxed),
         errors: tally.errors.load(Ordering::Relaxed),
         packets,
         grab_latency: Some(grab_latency),

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use clap::Subcommand;
 use redpacket_bench::load;
+use redpacket_bench::peers;
 use redpacket_bench::local::LocalCluster;
 use redpacket_client::Client;
 
@@ -20,8 +21,28 @@ struct Cli {
     /// Concurrent clients.
     #[arg(long, global = true, default_value_t = 256)]
     concurrency: usize,
+    /// The system to race: redpacket, or one of the designs it is compared with
+    /// (see benches/compare/).
+    #[arg(long, global = true, value_enum, default_value_t = TargetKind::Redpacket)]
+    target: TargetKind,
+    /// PostgreSQL connection string, for --target postgres.
+    #[arg(long, global = true, default_value = "host=127.0.0.1 port=55432 user=postgres dbname=postgres")]
+    pg: String,
+    /// Redis URL, for --target redis.
+    #[arg(long, global = true, default_value = "redis://127.0.0.1:56379/")]
+    redis: String,
+    /// Connections to PostgreSQL or Redis shared by the concurrent clients.
+    #[arg(long, global = true, default_value_t = 32)]
+    pool: usize,
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TargetKind {
+    Redpacket,
+    Postgres,
+    Redis,
 }
 
 #[derive(Subcommand)]
@@ -63,6 +84,20 @@ fn main() -> anyhow::Result<()> {
             let config = redpacket_node::ledger::service::LedgerConfig { listen_addr, data_dir, faults: Default::default() };
             tokio::runtime::Runtime::new()?.block_on(redpacket_node::ledger::service::run(config, redpacket_node::node::shutdown_signal()))
         }
+        command if cli.target != TargetKind::Redpacket => tokio::runtime::Runtime::new()?.block_on(async move {
+            let outcome = match cli.target {
+                TargetKind::Postgres => {
+                    let pg = peers::postgres::Postgres::connect(&cli.pg, cli.pool).await?;
+                    run_workload(&pg, &command, cli.concurrency).await?
+                }
+                TargetKind::Redis => {
+                    let redis = peers::redis::Redis::connect(&cli.redis, cli.pool).await?;
+                    run_workload(&redis, &command, cli.concurrency).await?
+                }
+                TargetKind::Redpacket => unreachable!("handled below"),
+            };
+            report(&outcome)
+        }),
         command => tokio::runtime::Runtime::new()?.block_on(async move {
             let (local, endpoints, ledger_addr) = match &cli.endpoints {
                 Some(e) => (None, e.split(',').map(String::from).collect::<Vec<_>>(), cli.ledger.clone()),
@@ -76,16 +111,24 @@ fn main() -> anyhow::Result<()> {
             let client = Client::connect(&endpoints)?;
             let ledger = redpacket_client::ledger::Ledger::connect(&ledger_addr)?;
             ledger.deposit(&format!("bench-{}", rand::random::<u64>()), "bench-sender", 1_000_000_000_000).await?;
-            let outcome = match command {
-                Cmd::Hot { shares } => load::race(&client, "hot", 1, shares, cli.concurrency, true).await?,
-                Cmd::Many { packets, shares } => load::race(&client, "many", packets, shares, cli.concurrency, true).await?,
-                _ => unreachable!("serve commands handled above"),
-            };
-            println!("{}", outcome.table());
-            println!("{}", outcome.json());
+            let outcome = run_workload(&load::Redpacket(client), &command, cli.concurrency).await?;
             drop(local);
-            anyhow::ensure!(outcome.verified, "the run lost or invented money: void");
-            Ok(())
+            report(&outcome)
         }),
     }
+}
+
+async fn run_workload<T: load::Target>(target: &T, command: &Cmd, concurrency: usize) -> anyhow::Result<load::Outcome> {
+    match command {
+        Cmd::Hot { shares } => load::race(target, "hot", 1, *shares, concurrency, true).await,
+        Cmd::Many { packets, shares } => load::race(target, "many", *packets, *shares, concurrency, true).await,
+        _ => unreachable!("serve commands handled above"),
+    }
+}
+
+fn report(outcome: &load::Outcome) -> anyhow::Result<()> {
+    println!("{}", outcome.table());
+    println!("{}", outcome.json());
+    anyhow::ensure!(outcome.verified, "the run lost or invented money: void");
+    Ok(())
 }

@@ -24,6 +24,11 @@ pub enum Error {
     DuplicateId(String),
     #[error("not funded: {0}")]
     NotFunded(String),
+    /// Admission control turned the grab away: the few shares left are already being
+    /// raced for by grabs in flight. Nothing changed; the share may still be there, so the
+    /// caller may try again shortly (the client does not, to keep this answer fast).
+    #[error("busy: {0}")]
+    Busy(String),
     /// Every retry failed until the deadline: the cluster was unreachable or had no leader.
     /// The operation may or may not have happened; repeating it is safe.
     #[error("unavailable after retrying for {elapsed_ms} ms: {last}")]
@@ -51,6 +56,7 @@ impl Error {
             (Some(Reason::PacketNotFound), _) => Error::NotFound(msg),
             (Some(Reason::DuplicateId), _) => Error::DuplicateId(msg),
             (Some(Reason::NotFunded), _) => Error::NotFunded(msg),
+            (Some(Reason::Busy), _) => Error::Busy(msg),
             (Some(Reason::InvalidInput), _) | (_, Code::InvalidArgument) => Error::InvalidArgument(msg),
             _ => Error::Status(status),
         }
@@ -65,6 +71,7 @@ impl Error {
             Error::InvalidArgument(_) | Error::Endpoint(_) => Code::InvalidArgument,
             Error::DuplicateId(_) => Code::AlreadyExists,
             Error::Unavailable { .. } => Code::Unavailable,
+            Error::Busy(_) => Code::ResourceExhausted,
             Error::Status(s) => s.code(),
         }
     }

@@ -2,7 +2,9 @@
 //! red packets.
 //!
 //! Any node serves any request (it forwards to the packet's group leader), so the client
-//! needs no routing table. When a node is down, or a group is between leaders, a call fails
+//! needs no routing table. Answers name the leader that served them, and the client sends a
+//! packet's next requests straight to that endpoint when it has one, saving the forwarding
+//! hop; the hint is dropped as soon as that endpoint fails. When a node is down, or a group is between leaders, a call fails
 //! with UNAVAILABLE; the client then tries the next endpoint with backoff until its deadline.
 //! Every call is idempotent (creates carry a request id, a repeated grab or open returns the
 //! first outcome), so retrying never takes a second share or creates a second packet.
@@ -21,8 +23,10 @@ mod error;
 pub mod ledger;
 pub mod money;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -194,8 +198,13 @@ pub struct Client {
     endpoints: Arc<Vec<(String, AuthChannel)>>,
     /// Index of the endpoint that answered last; calls start there.
     current: Arc<AtomicUsize>,
+    /// Packet id → index of the endpoint that leads its group, as the last answer said.
+    leaders: Arc<Mutex<HashMap<String, usize>>>,
     policy: RetryPolicy,
 }
+
+/// Leader hints kept at most; the map starts over when full (a hint is only a shortcut).
+const MAX_LEADER_HINTS: usize = 100_000;
 
 impl Client {
     /// Connects (lazily) to the given `host:port` endpoints, in plaintext without a token.
@@ -237,7 +246,12 @@ impl Client {
         if list.is_empty() {
             return Err(Error::Endpoint("no endpoints given".into()));
         }
-        Ok(Client { endpoints: Arc::new(list), current: Arc::new(AtomicUsize::new(0)), policy: RetryPolicy::default() })
+        Ok(Client {
+            endpoints: Arc::new(list),
+            current: Arc::new(AtomicUsize::new(0)),
+            leaders: Default::default(),
+            policy: RetryPolicy::default(),
+        })
     }
 
     pub fn with_retry_policy(mut self, policy: RetryPolicy) -> Self {
@@ -251,32 +265,65 @@ impl Client {
 
     /// Runs `call` against the endpoints, retrying retryable failures on the next endpoint
     /// with exponential backoff until the policy's deadline.
-    async fn retry<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
+    async fn retry<T, F, Fut>(&self, call: F) -> Result<T, Error>
+    where
+        F: FnMut(AuthChannel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.retry_for(None, call).await
+    }
+
+    /// Like [`Client::retry`], for a request about `packet`: starts at the endpoint that
+    /// leads the packet's group when an earlier answer named it, and learns it from this one.
+    async fn retry_for<T, F, Fut>(&self, packet: Option<&str>, mut call: F) -> Result<T, Error>
     where
         F: FnMut(AuthChannel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let start = Instant::now();
         let mut backoff = self.policy.initial_backoff;
-        let mut index = self.current.load(Ordering::Relaxed);
+        let hinted = packet.and_then(|p| self.leaders.lock().expect("hints").get(p).copied());
+        let mut index = hinted.unwrap_or_else(|| self.current.load(Ordering::Relaxed));
         loop {
             let (addr, channel) = &self.endpoints[index % self.endpoints.len()];
             let last = match tokio::time::timeout(self.policy.attempt_timeout, call(channel.clone())).await {
                 Ok(Ok(resp)) => {
                     self.current.store(index % self.endpoints.len(), Ordering::Relaxed);
+                    self.learn_leader(packet, resp.metadata());
                     return Ok(resp.into_inner());
                 }
-                Ok(Err(status)) if !is_retryable(&status) => return Err(Error::from_status(status)),
+                Ok(Err(status)) if !is_retryable(&status) => {
+                    self.learn_leader(packet, status.metadata());
+                    return Err(Error::from_status(status));
+                }
                 Ok(Err(status)) => status,
                 Err(_) => Status::deadline_exceeded(format!("{addr}: no answer within {:?}", self.policy.attempt_timeout)),
             };
             tracing::debug!(endpoint = %addr, "retrying after: {last}");
+            if let Some(p) = packet {
+                self.leaders.lock().expect("hints").remove(p);
+            }
             if start.elapsed() + backoff > self.policy.deadline {
                 return Err(Error::Unavailable { elapsed_ms: start.elapsed().as_millis() as u64, last });
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.policy.max_backoff);
             index += 1;
+        }
+    }
+
+    /// Remembers which endpoint leads `packet`'s group, when the answer says and the leader
+    /// is one of our endpoints.
+    fn learn_leader(&self, packet: Option<&str>, metadata: &tonic::metadata::MetadataMap) {
+        let Some(packet) = packet else { return };
+        let Some(leader) = metadata.get(redpacket_proto::LEADER_METADATA_KEY).and_then(|v| v.to_str().ok()) else { return };
+        let Some(index) = self.endpoints.iter().position(|(addr, _)| addr == leader) else { return };
+        let mut hints = self.leaders.lock().expect("hints");
+        if hints.get(packet) != Some(&index) {
+            if hints.len() >= MAX_LEADER_HINTS {
+                hints.clear();
+            }
+            hints.insert(packet.to_string(), index);
         }
     }
 
@@ -297,7 +344,7 @@ impl Client {
     /// Takes a share for `user`. Repeating it returns the same share.
     pub async fn grab(&self, packet_id: &str, user: &str) -> Result<Grabbed, Error> {
         let req = pb::GrabRequest { packet_id: packet_id.to_string(), user: user.to_string() };
-        let r = self.retry(|ch| {
+        let r = self.retry_for(Some(packet_id), |ch| {
             let req = req.clone();
             async move { RedPacketClient::new(ch).grab(req).await }
         }).await?;
@@ -307,7 +354,7 @@ impl Client {
     /// Opens the share `user` grabbed, revealing its amount. Repeating it returns the same.
     pub async fn open(&self, packet_id: &str, user: &str) -> Result<Opened, Error> {
         let req = pb::OpenRequest { packet_id: packet_id.to_string(), user: user.to_string() };
-        let r = self.retry(|ch| {
+        let r = self.retry_for(Some(packet_id), |ch| {
             let req = req.clone();
             async move { RedPacketClient::new(ch).open(req).await }
         }).await?;
@@ -317,7 +364,7 @@ impl Client {
     /// Grab and open in one round trip.
     pub async fn grab_and_open(&self, packet_id: &str, user: &str) -> Result<Opened, Error> {
         let req = pb::GrabRequest { packet_id: packet_id.to_string(), user: user.to_string() };
-        let r = self.retry(|ch| {
+        let r = self.retry_for(Some(packet_id), |ch| {
             let req = req.clone();
             async move { RedPacketClient::new(ch).grab_and_open(req).await }
         }).await?;
@@ -333,7 +380,9 @@ impl Client {
     /// replica, which may lag: meant for operators and tests comparing replicas.
     pub async fn get_packet_with(&self, packet_id: &str, consistency: ReadConsistency) -> Result<Packet, Error> {
         let req = pb::GetPacketRequest { packet_id: packet_id.to_string(), consistency: consistency as i32 };
-        self.retry(|ch| {
+        // A local read is about the replica asked, so it takes no leader hint.
+        let route = (consistency == ReadConsistency::Linearizable).then_some(packet_id);
+        self.retry_for(route, |ch| {
             let req = req.clone();
             async move { RedPacketClient::new(ch).get_packet(req).await }
         }).await

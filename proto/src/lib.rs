@@ -23,3 +23,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("redp
 
 /// Name of the trailer carrying a [`v1::Reason`] on refused packet operations.
 pub const REASON_METADATA_KEY: &str = "redpacket-reason";
+
+/// Name of the response metadata naming (by address) the group leader that served a packet
+/// request, so a client can send the packet's next requests straight there, skipping the
+/// forwarding hop. Only a hint: any node still serves any request.
+pub const LEADER_METADATA_KEY: &str = "redpacket-leader";

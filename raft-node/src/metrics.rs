@@ -29,6 +29,8 @@ pub struct Metrics {
     requests: IntCounterVec,
     latency: HistogramVec,
     proposals: IntCounterVec,
+    batch_ops: prometheus::Histogram,
+    admission_refused: prometheus::IntCounter,
     applied: IntGaugeVec,
     leader: IntGaugeVec,
     leader_changes: IntCounterVec,
@@ -53,6 +55,12 @@ impl Metrics {
             &["method"],
         ));
         let proposals = must(IntCounterVec::new(Opts::new("raft_proposals_total", "Commands proposed by this node as group leader"), &["group"]));
+        let batch_ops = must(prometheus::Histogram::with_opts(
+            HistogramOpts::new("batch_operations", "Grabs and opens per Batch log entry proposed by this leader")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]),
+        ));
+        let admission_refused =
+            must(prometheus::IntCounter::new("admission_refused_total", "Grabs answered BUSY by admission control"));
         let applied = must(IntGaugeVec::new(Opts::new("raft_last_applied_index", "Last applied log index per group"), &["group"]));
         let leader = must(IntGaugeVec::new(Opts::new("raft_is_leader", "1 when this node leads the group"), &["group"]));
         let leader_changes = must(IntCounterVec::new(Opts::new("raft_leader_changes_total", "Leader changes seen per group"), &["group"]));
@@ -63,6 +71,8 @@ impl Metrics {
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
             Box::new(proposals.clone()),
+            Box::new(batch_ops.clone()),
+            Box::new(admission_refused.clone()),
             Box::new(applied.clone()),
             Box::new(leader.clone()),
             Box::new(leader_changes.clone()),
@@ -77,6 +87,8 @@ impl Metrics {
             requests,
             latency,
             proposals,
+            batch_ops,
+            admission_refused,
             applied,
             leader,
             leader_changes,
@@ -95,6 +107,15 @@ impl Metrics {
 
     pub fn proposal(&self, group: u32) {
         self.proposals.with_label_values(&[&group.to_string()]).inc();
+    }
+
+    /// A batch of `ops` grabs and opens was proposed.
+    pub fn batch(&self, ops: usize) {
+        self.batch_ops.observe(ops as f64);
+    }
+
+    pub fn admission_refused(&self) {
+        self.admission_refused.inc();
     }
 
     /// Samples Raft and storage figures.

@@ -43,6 +43,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
         .await
         .with_context(|| format!("listening on {}", config.listen_addr))?;
     let groups = Arc::new(Groups::start(&config, &store, peers.clone()).await?);
+    let metrics = crate::metrics::Metrics::new(node_id);
     let ctx = Arc::new(NodeContext {
         node_id,
         addr: config.advertise_addr(),
@@ -53,7 +54,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
         payment: config.payment.clone(),
         ledger: crate::settlement::ledger_client(&config.payment.endpoint)?,
         stopping: Default::default(),
-        metrics: crate::metrics::Metrics::new(node_id),
+        batchers: crate::service::batcher::Batchers::start(&groups, metrics.clone()),
+        metrics,
     });
     let sampler = tokio::spawn(crate::metrics::sample_forever(ctx.metrics.clone(), groups.clone(), ctx.store.clone()));
     let metrics_server = match config.metrics_addr {

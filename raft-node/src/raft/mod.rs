@@ -42,12 +42,30 @@ pub enum Command {
     Grab { packet_id: PacketId, user: String, at: Millis, open: bool },
     /// `user` opens the share they grabbed.
     Open { packet_id: PacketId, user: String, at: Millis },
+    /// Grabs and opens that reached the leader together, applied in order at time `at`:
+    /// one log entry, one replication round and one disk sync for all of them.
+    Batch { ops: Vec<PacketOp>, at: Millis },
     /// The ledger's final word on transfers the leader carried out.
     Settle(Vec<SettledTransfer>),
     /// Close these packets, expired by the leader's clock at `at`, refunding what is unopened.
     Expire { packet_ids: Vec<PacketId>, at: Millis },
     /// Cluster metadata, kept in group 0.
     Meta(MetaCommand),
+}
+
+/// One user's operation on a packet, as carried in a [`Command::Batch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PacketOp {
+    Grab { packet_id: PacketId, user: String, open: bool },
+    Open { packet_id: PacketId, user: String },
+}
+
+impl PacketOp {
+    pub fn packet_id(&self) -> &PacketId {
+        match self {
+            PacketOp::Grab { packet_id, .. } | PacketOp::Open { packet_id, .. } => packet_id,
+        }
+    }
 }
 
 /// Cluster-wide facts that must survive any node: the membership-change lock (changes are
@@ -75,7 +93,7 @@ impl Command {
         match self {
             Command::Create(p) => Some(&p.packet_id),
             Command::Grab { packet_id, .. } | Command::Open { packet_id, .. } => Some(packet_id),
-            Command::Settle(_) | Command::Expire { .. } | Command::Meta(_) => None,
+            Command::Settle(_) | Command::Expire { .. } | Command::Meta(_) | Command::Batch { .. } => None,
         }
     }
 }
@@ -86,6 +104,7 @@ impl fmt::Display for Command {
             Command::Create(p) => write!(f, "create({}, {} cents, {} shares)", p.packet_id, p.total, p.shares),
             Command::Grab { packet_id, user, open, .. } => write!(f, "grab({packet_id}, {user}, open={open})"),
             Command::Open { packet_id, user, .. } => write!(f, "open({packet_id}, {user})"),
+            Command::Batch { ops, .. } => write!(f, "batch({} operations)", ops.len()),
             Command::Settle(list) => write!(f, "settle({} transfers)", list.len()),
             Command::Expire { packet_ids, .. } => write!(f, "expire({} packets)", packet_ids.len()),
             Command::Meta(m) => write!(f, "meta({m:?})"),
@@ -110,6 +129,8 @@ pub enum Reply {
     Closed { count: usize },
     /// The membership-change lock: who holds it now (empty: nobody).
     Lock { holder: String },
+    /// One reply per operation of a [`Command::Batch`], in order.
+    Batch(Vec<Reply>),
     /// Entries that carry no command (blank, membership).
     Empty,
 }

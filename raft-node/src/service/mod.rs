@@ -2,6 +2,7 @@
 //! receiving side of the Raft transport. All share one [`NodeContext`].
 
 pub mod admin;
+pub mod batcher;
 pub mod convert;
 pub mod membership;
 pub mod packets;
@@ -32,6 +33,8 @@ pub struct NodeContext {
     pub payment: PaymentSettings,
     pub ledger: PaymentLedgerClient<Channel>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Where the leader's grabs and opens queue for the log.
+    pub batchers: batcher::Batchers,
     /// Set when the node is shutting down: it hands its leaderships over and takes no more.
     pub stopping: std::sync::atomic::AtomicBool,
 }

@@ -13,6 +13,7 @@ use openraft::ReadPolicy;
 use openraft::errors::ClientWriteError;
 use openraft::errors::LinearizableReadError;
 use openraft::errors::RaftError;
+use redpacket_proto::LEADER_METADATA_KEY;
 use redpacket_proto::v1 as pb;
 use redpacket_proto::v1::red_packet_client::RedPacketClient;
 use redpacket_proto::v1::red_packet_server::RedPacket;
@@ -40,11 +41,20 @@ use crate::packet::transfer::pay_id;
 use crate::packet::transfer::refund_id;
 use crate::packet::validate;
 use crate::raft::Command;
+use crate::raft::PacketOp;
 use crate::raft::Reply;
 
 /// How long a proposal may wait to be committed and applied before the client is told to
 /// retry (the outcome is then unknown, and the retry finds it).
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// What the leader's fast path found for a grab.
+enum FastPath {
+    /// Answered from applied state: nothing can change it.
+    Answered(Reply),
+    /// Needs the log; the shares left as applied, when this node leads and has the packet.
+    Log { shares_left: Option<u32> },
+}
 
 pub struct PacketService {
     ctx: Arc<NodeContext>,
@@ -128,19 +138,29 @@ impl PacketService {
     /// The leader's fast path: a grab whose answer can no longer change (the user's share,
     /// sold out, not a recipient, closed) is answered from the applied state, without a log
     /// entry. Only the group leader answers this way, so its view is at most the newest.
-    fn fast_grab(&self, group: u32, id: &PacketId, user: &str, open: bool) -> Result<Option<Reply>, Status> {
-        let Some(raft) = self.ctx.groups.get(group) else { return Ok(None) };
+    fn fast_grab(&self, group: u32, id: &PacketId, user: &str, open: bool) -> Result<FastPath, Status> {
+        let Some(raft) = self.ctx.groups.get(group) else { return Ok(FastPath::Log { shares_left: None }) };
         if !raft.is_leader() {
-            return Ok(None);
+            return Ok(FastPath::Log { shares_left: None });
         }
         let reader = self.ctx.store.reader(group);
-        let Some(packet) = reader.packet(id).map_err(status::internal)? else { return Ok(None) };
+        let Some(packet) = reader.packet(id).map_err(status::internal)? else { return Ok(FastPath::Log { shares_left: None }) };
         let claim = reader.claim(id, user).map_err(status::internal)?;
-        Ok(packet.settled_grab_answer(user, claim.as_ref(), open).map(|answer| match answer {
-            Ok(claim) if open => Reply::Opened { claim },
-            Ok(claim) => Reply::Grabbed { claim, shares_left: packet.shares_left() },
-            Err(refusal) => Reply::Refused(refusal),
-        }))
+        Ok(match packet.settled_grab_answer(user, claim.as_ref(), open) {
+            Some(Ok(claim)) if open => FastPath::Answered(Reply::Opened { claim }),
+            Some(Ok(claim)) => FastPath::Answered(Reply::Grabbed { claim, shares_left: packet.shares_left() }),
+            Some(Err(refusal)) => FastPath::Answered(Reply::Refused(refusal)),
+            None => FastPath::Log { shares_left: Some(packet.shares_left()) },
+        })
+    }
+
+    /// Queues a grab or open for the group's next batch on this node, if it leads the group;
+    /// otherwise returns the leader's address to forward to.
+    async fn submit(&self, group: u32, forwarded: bool, op: PacketOp, shares_left: Option<u32>) -> Result<Result<Reply, String>, Status> {
+        match self.route(group, forwarded).await? {
+            Route::Here(_) => self.ctx.batchers.submit(group, op, shares_left, forwarded).await,
+            Route::Leader(addr) => Ok(Err(addr)),
+        }
     }
 
     fn read_packet(&self, group: u32, id: &PacketId) -> Result<pb::Packet, Status> {
@@ -263,20 +283,19 @@ impl PacketService {
         let packet_id = parse_packet_id(&body.packet_id)?;
         check_user("user", &body.user)?;
         let group = packet_id.group(self.ctx.groups.count());
-        if let Some(reply) = self.fast_grab(group, &packet_id, &body.user, false)? {
-            let mut resp = grab_reply(reply)?;
-            resp.packet_id = packet_id.to_string();
-            return Ok(Response::new(resp));
-        }
-        let make = || Command::Grab { packet_id: packet_id.clone(), user: body.user.clone(), at: now_millis(), open: false };
-        match self.propose(group, forwarded, make).await? {
-            Ok(reply) => {
-                let mut resp = grab_reply(reply)?;
-                resp.packet_id = packet_id.to_string();
-                Ok(Response::new(resp))
+        let reply = match self.fast_grab(group, &packet_id, &body.user, false)? {
+            FastPath::Answered(reply) => reply,
+            FastPath::Log { shares_left } => {
+                let op = PacketOp::Grab { packet_id: packet_id.clone(), user: body.user.clone(), open: false };
+                match self.submit(group, forwarded, op, shares_left).await? {
+                    Ok(reply) => reply,
+                    Err(addr) => return self.client(&addr)?.grab(forward_request(body)).await,
+                }
             }
-            Err(addr) => self.client(&addr)?.grab(forward_request(body)).await,
-        }
+        };
+        let mut resp = grab_reply(reply)?;
+        resp.packet_id = packet_id.to_string();
+        Ok(Response::new(resp))
     }
 
     async fn handle_open(&self, request: Request<pb::OpenRequest>) -> Result<Response<pb::OpenResponse>, Status> {
@@ -285,8 +304,8 @@ impl PacketService {
         let packet_id = parse_packet_id(&body.packet_id)?;
         check_user("user", &body.user)?;
         let group = packet_id.group(self.ctx.groups.count());
-        let make = || Command::Open { packet_id: packet_id.clone(), user: body.user.clone(), at: now_millis() };
-        match self.propose(group, forwarded, make).await? {
+        let op = PacketOp::Open { packet_id: packet_id.clone(), user: body.user.clone() };
+        match self.submit(group, forwarded, op, None).await? {
             Ok(reply) => Ok(Response::new(open_reply(&packet_id, reply)?)),
             Err(addr) => self.client(&addr)?.open(forward_request(body)).await,
         }
@@ -298,14 +317,17 @@ impl PacketService {
         let packet_id = parse_packet_id(&body.packet_id)?;
         check_user("user", &body.user)?;
         let group = packet_id.group(self.ctx.groups.count());
-        if let Some(reply) = self.fast_grab(group, &packet_id, &body.user, true)? {
-            return Ok(Response::new(open_reply(&packet_id, reply)?));
-        }
-        let make = || Command::Grab { packet_id: packet_id.clone(), user: body.user.clone(), at: now_millis(), open: true };
-        match self.propose(group, forwarded, make).await? {
-            Ok(reply) => Ok(Response::new(open_reply(&packet_id, reply)?)),
-            Err(addr) => self.client(&addr)?.grab_and_open(forward_request(body)).await,
-        }
+        let reply = match self.fast_grab(group, &packet_id, &body.user, true)? {
+            FastPath::Answered(reply) => reply,
+            FastPath::Log { shares_left } => {
+                let op = PacketOp::Grab { packet_id: packet_id.clone(), user: body.user.clone(), open: true };
+                match self.submit(group, forwarded, op, shares_left).await? {
+                    Ok(reply) => reply,
+                    Err(addr) => return self.client(&addr)?.grab_and_open(forward_request(body)).await,
+                }
+            }
+        };
+        Ok(Response::new(open_reply(&packet_id, reply)?))
     }
 
     async fn handle_get_packet(&self, request: Request<pb::GetPacketRequest>) -> Result<Response<pb::Packet>, Status> {
@@ -325,7 +347,9 @@ impl PacketService {
 }
 
 impl PacketService {
-    /// Runs a handler inside a span naming the packet, and records its outcome and latency.
+    /// Runs a handler inside a span naming the packet, records its outcome and latency, and
+    /// tells the client which leader serves the packet (a forwarded answer already carries
+    /// the leader's own hint).
     async fn observed<T>(
         &self,
         method: &'static str,
@@ -337,12 +361,24 @@ impl PacketService {
         let group = PacketId::parse(packet_id).map(|id| id.group(self.ctx.groups.count())).ok();
         // Every log line of the request carries the packet and its group.
         let span = tracing::info_span!("request", method, packet_id = %packet_id, group = ?group);
-        let result = handler.instrument(span).await;
+        let mut result = handler.instrument(span).await;
         let code = match &result {
             Ok(_) => tonic::Code::Ok,
             Err(s) => s.code(),
         };
         self.ctx.metrics.request(method, started, code);
+        let leads = group.and_then(|g| self.ctx.groups.get(g)).is_some_and(|raft| raft.is_leader());
+        if leads {
+            let metadata = match &mut result {
+                Ok(resp) => resp.metadata_mut(),
+                Err(status) => status.metadata_mut(),
+            };
+            if !metadata.contains_key(LEADER_METADATA_KEY) {
+                if let Ok(v) = self.ctx.addr.parse() {
+                    metadata.insert(LEADER_METADATA_KEY, v);
+                }
+            }
+        }
         result
     }
 }

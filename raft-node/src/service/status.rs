@@ -39,6 +39,17 @@ pub fn invalid(field: &str, reason: impl Into<String>) -> Status {
     refused(&PacketError::invalid(field, reason))
 }
 
+/// Admission control's answer: the shares left are spoken for by grabs in flight.
+pub fn busy(packet_id: &crate::packet::PacketId, shares_left: u32, waiting: u32) -> Status {
+    let mut status = Status::resource_exhausted(format!(
+        "packet {packet_id}: {shares_left} shares left and {waiting} grabs already waiting for them; retry shortly"
+    ));
+    if let Ok(v) = Reason::Busy.as_str_name().parse() {
+        status.metadata_mut().insert(REASON_METADATA_KEY, v);
+    }
+    status
+}
+
 pub fn unavailable(msg: impl std::fmt::Display) -> Status {
     Status::unavailable(msg.to_string())
 }

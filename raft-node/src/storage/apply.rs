@@ -27,6 +27,7 @@ use crate::packet::transfer::Transfer;
 use crate::packet::transfer::TransferKind;
 use crate::raft::Command;
 use crate::raft::MetaCommand;
+use crate::raft::PacketOp;
 use crate::raft::Reply;
 use crate::raft::SettledTransfer;
 
@@ -97,6 +98,16 @@ impl<'a> Txn<'a> {
             Command::Create(new) => self.create(new),
             Command::Grab { packet_id, user, at, open } => self.grab(packet_id, user, *at, *open),
             Command::Open { packet_id, user, at } => self.open(packet_id, user, *at),
+            Command::Batch { ops, at } => {
+                let mut replies = Vec::with_capacity(ops.len());
+                for op in ops {
+                    replies.push(match op {
+                        PacketOp::Grab { packet_id, user, open } => self.grab(packet_id, user, *at, *open)?,
+                        PacketOp::Open { packet_id, user } => self.open(packet_id, user, *at)?,
+                    });
+                }
+                Ok(Reply::Batch(replies))
+            }
             Command::Settle(settled) => self.settle(settled),
             Command::Expire { packet_ids, at } => self.expire(packet_ids, *at),
             Command::Meta(meta) => self.meta(meta),

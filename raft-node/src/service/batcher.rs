@@ -1,0 +1,212 @@
+//! The leader's write path for grabs and opens: admission control, then batching.
+//!
+//! Each group has one batcher task on every node; only the leader's is fed. The task alone
+//! owns its counters, so a hot packet is serialized by a queue, not by a lock:
+//!
+//! - **Admission control.** A grab is admitted only while the grabs of its packet already
+//!   waiting for the log are fewer than [`admission_limit`] of the shares left (as applied).
+//!   Once that many are in flight the rest could only be sold out, so they get a fast BUSY
+//!   answer instead of a place in the log (seed 000's "memcached counter", inside the leader).
+//! - **Batching.** Operations that arrive while earlier proposals are in flight wait together
+//!   and go into the log as one [`Command::Batch`] entry: one append, one replication round
+//!   and one disk sync on each replica for all of them. Up to [`MAX_IN_FLIGHT`] batches are
+//!   pipelined through openraft at once.
+//!
+//! Nothing about durability changes: a caller is answered only after its batch is committed
+//! (on a quorum's disk) and applied.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use openraft::errors::ClientWriteError;
+use openraft::errors::RaftError;
+use tokio::sync::mpsc;
+use tokio::sync::oneshot;
+use tonic::Status;
+
+use super::status;
+use crate::metrics::Metrics;
+use crate::packet::PacketId;
+use crate::raft::Command;
+use crate::raft::PacketOp;
+use crate::raft::Raft;
+use crate::raft::Reply;
+use crate::raft::groups::Groups;
+use crate::service::packets::now_millis;
+
+/// Most operations in one log entry.
+pub const MAX_BATCH: usize = 1024;
+/// Most batches proposed and not yet applied, per group.
+pub const MAX_IN_FLIGHT: usize = 4;
+/// How long a batch may wait to be committed and applied before its callers are told to
+/// retry (the outcome is then unknown, and the retry finds it: every operation is idempotent).
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// How many grabs of one packet may wait for the log at once, given the shares left: twice
+/// the shares left (some waiting grabs are repeats by a user who already holds a share),
+/// plus a little slack so a nearly sold-out packet still fills a batch.
+pub fn admission_limit(shares_left: u32) -> u32 {
+    shares_left.saturating_mul(2).saturating_add(16)
+}
+
+/// What a caller gets: the operation's reply, or the address of the leader to forward to.
+pub type Outcome = Result<Result<Reply, String>, Status>;
+
+struct Submission {
+    op: PacketOp,
+    /// Shares left as the leader's applied state shows them; `None` when not known (the
+    /// packet is not there yet): such grabs are not limited, apply will refuse them.
+    shares_left: Option<u32>,
+    /// Whether the request was forwarded here (then it is never forwarded again).
+    forwarded: bool,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// The batchers of every group of this node.
+pub struct Batchers {
+    queues: Vec<mpsc::Sender<Submission>>,
+}
+
+impl Batchers {
+    /// Starts one batcher task per group.
+    pub fn start(groups: &Groups, metrics: Arc<Metrics>) -> Batchers {
+        let queues = (0..groups.count())
+            .map(|group| {
+                let (tx, rx) = mpsc::channel(8 * MAX_BATCH);
+                let raft = groups.get(group).expect("group exists").clone();
+                tokio::spawn(run(group, raft, rx, metrics.clone()));
+                tx
+            })
+            .collect();
+        Batchers { queues }
+    }
+
+    /// Proposes `op` in the next batch of `group` (which this node leads) and waits for
+    /// its reply.
+    pub async fn submit(&self, group: u32, op: PacketOp, shares_left: Option<u32>, forwarded: bool) -> Outcome {
+        let queue = self.queues.get(group as usize).ok_or_else(|| status::invalid("group", format!("no group {group}")))?;
+        let (reply, answer) = oneshot::channel();
+        queue
+            .send(Submission { op, shares_left, forwarded, reply })
+            .await
+            .map_err(|_| status::unavailable("node is shutting down; retry"))?;
+        answer.await.map_err(|_| status::unavailable("node is shutting down; retry"))?
+    }
+}
+
+/// Grabs waiting for the log, per packet.
+#[derive(Default)]
+struct Waiting(HashMap<PacketId, u32>);
+
+impl Waiting {
+    /// Counts `sub` in, or answers it BUSY (returning `None`).
+    fn admit(&mut self, sub: Submission, metrics: &Metrics) -> Option<Submission> {
+        let (PacketOp::Grab { packet_id, .. }, Some(shares_left)) = (&sub.op, sub.shares_left) else {
+            return Some(sub);
+        };
+        let waiting = self.0.entry(packet_id.clone()).or_insert(0);
+        if *waiting >= admission_limit(shares_left) {
+            metrics.admission_refused();
+            let busy = status::busy(packet_id, shares_left, *waiting);
+            let _ = sub.reply.send(Err(busy));
+            return None;
+        }
+        *waiting += 1;
+        Some(sub)
+    }
+
+    fn release(&mut self, sub: &Submission) {
+        if let (PacketOp::Grab { packet_id, .. }, Some(_)) = (&sub.op, sub.shares_left) {
+            if let Some(n) = self.0.get_mut(packet_id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.0.remove(packet_id);
+                }
+            }
+        }
+    }
+}
+
+/// How a proposed batch ended.
+enum Proposal {
+    Applied(Reply),
+    /// This node is no longer the leader; the new one, if known.
+    NotLeader(Option<String>),
+    Failed(String),
+    TimedOut,
+}
+
+async fn propose(raft: Raft, ops: Vec<PacketOp>) -> Proposal {
+    match tokio::time::timeout(PROPOSE_TIMEOUT, raft.client_write(Command::Batch { ops, at: now_millis() })).await {
+        Ok(Ok(resp)) => Proposal::Applied(resp.data),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Proposal::NotLeader(f.leader_node.map(|n| n.addr)),
+        Ok(Err(e)) => Proposal::Failed(e.to_string()),
+        Err(_) => Proposal::TimedOut,
+    }
+}
+
+async fn run(group: u32, raft: Raft, mut queue: mpsc::Receiver<Submission>, metrics: Arc<Metrics>) {
+    let mut waiting = Waiting::default();
+    let mut next: Vec<Submission> = Vec::new();
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            Some((batch, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                answer(group, batch, result, &mut waiting);
+            }
+            sub = queue.recv() => match sub {
+                Some(sub) => next.extend(waiting.admit(sub, &metrics)),
+                None => return,
+            },
+        }
+        // Take everything that is already queued, up to a full batch.
+        while next.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(sub) => next.extend(waiting.admit(sub, &metrics)),
+                Err(_) => break,
+            }
+        }
+        if !next.is_empty() && in_flight.len() < MAX_IN_FLIGHT {
+            let batch = std::mem::take(&mut next);
+            let ops: Vec<PacketOp> = batch.iter().map(|s| s.op.clone()).collect();
+            metrics.proposal(group);
+            metrics.batch(ops.len());
+            let proposal = propose(raft.clone(), ops);
+            in_flight.push(async move { (batch, proposal.await) });
+        }
+    }
+}
+
+/// Hands each caller of a finished batch its reply.
+fn answer(group: u32, batch: Vec<Submission>, proposal: Proposal, waiting: &mut Waiting) {
+    for sub in &batch {
+        waiting.release(sub);
+    }
+    let fail_all = |batch: Vec<Submission>, status: Status| {
+        for sub in batch {
+            let _ = sub.reply.send(Err(status.clone()));
+        }
+    };
+    match proposal {
+        Proposal::Applied(Reply::Batch(replies)) if replies.len() == batch.len() => {
+            for (sub, reply) in batch.into_iter().zip(replies) {
+                let _ = sub.reply.send(Ok(Ok(reply)));
+            }
+        }
+        Proposal::Applied(other) => fail_all(batch, status::internal(format!("group {group}: unexpected reply to a batch: {other:?}"))),
+        Proposal::NotLeader(leader) => {
+            for sub in batch {
+                let outcome = match (sub.forwarded, &leader) {
+                    (false, Some(addr)) => Ok(Err(addr.clone())),
+                    _ => Err(status::unavailable(format!("group {group}: leadership changed; retry"))),
+                };
+                let _ = sub.reply.send(outcome);
+            }
+        }
+        Proposal::Failed(e) => fail_all(batch, status::unavailable(format!("group {group}: {e}; retry"))),
+        Proposal::TimedOut => fail_all(batch, status::unavailable(format!("group {group}: not committed within {PROPOSE_TIMEOUT:?}; retry"))),
+    }
+}
