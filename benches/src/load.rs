@@ -29,8 +29,13 @@ pub struct Outcome {
     pub packets: u64,
     /// Latency of successful grabs (µs).
     pub grab_latency: Option<Histogram<u64>>,
-    /// Latency of sold-out answers (µs).
+    /// Latency of sold-out answers during the race (µs): grabs that were already in flight
+    /// when the last share went.
     pub sold_out_latency: Option<Histogram<u64>>,
+    /// After the race: latency of grabs by new users of a sold-out packet (µs).
+    pub refusal_latency: Option<Histogram<u64>>,
+    /// After the race: latency of repeated grabs by users who hold a share (µs).
+    pub duplicate_latency: Option<Histogram<u64>>,
     pub verified: bool,
 }
 
@@ -53,8 +58,10 @@ impl Outcome {
     pub fn table(&self) -> String {
         let (p50, p99, p999) = Self::quantiles(&self.grab_latency);
         let (s50, s99, _) = Self::quantiles(&self.sold_out_latency);
+        let (r50, r99, r999) = Self::quantiles(&self.refusal_latency);
+        let (d50, d99, d999) = Self::quantiles(&self.duplicate_latency);
         format!(
-            "workload {} · {:.1} s · {} packets\n  grabs/s {:>10.0}   grabs {:>8}   attempts {:>8}   sold out {:>8}   busy {:>8}   errors {}\n  grab latency ms    p50 {p50:.2}  p99 {p99:.2}  p99.9 {p999:.2}\n  sold-out latency ms p50 {s50:.2}  p99 {s99:.2}\n  money verified: {}",
+            "workload {} · {:.1} s · {} packets\n  grabs/s {:>10.0}   grabs {:>8}   attempts {:>8}   sold out {:>8}   busy {:>8}   errors {}\n  grab latency ms    p50 {p50:.2}  p99 {p99:.2}  p99.9 {p999:.2}\n  sold-out (in race) ms p50 {s50:.2}  p99 {s99:.2}\n  after sold out, ms: new user p50 {r50:.3} p99 {r99:.3} p99.9 {r999:.3} · repeat grab p50 {d50:.3} p99 {d99:.3} p99.9 {d999:.3}\n  money verified: {}",
             self.workload,
             self.elapsed.as_secs_f64(),
             self.packets,
@@ -71,12 +78,16 @@ impl Outcome {
     pub fn json(&self) -> String {
         let (p50, p99, p999) = Self::quantiles(&self.grab_latency);
         let (s50, s99, _) = Self::quantiles(&self.sold_out_latency);
+        let (r50, r99, _) = Self::quantiles(&self.refusal_latency);
+        let (d50, d99, _) = Self::quantiles(&self.duplicate_latency);
         serde_json::json!({
             "workload": self.workload, "elapsed_s": self.elapsed.as_secs_f64(), "packets": self.packets,
             "grabs": self.grabs, "grabs_per_s": self.grabs_per_second(), "attempts": self.attempts,
             "sold_out": self.sold_out, "busy": self.busy, "errors": self.errors,
             "grab_p50_ms": p50, "grab_p99_ms": p99, "grab_p999_ms": p999,
-            "sold_out_p50_ms": s50, "sold_out_p99_ms": s99, "verified": self.verified,
+            "sold_out_p50_ms": s50, "sold_out_p99_ms": s99,
+            "refusal_p50_ms": r50, "refusal_p99_ms": r99, "duplicate_p50_ms": d50, "duplicate_p99_ms": d99,
+            "verified": self.verified,
         })
         .to_string()
     }
@@ -148,7 +159,19 @@ impl Target for Redpacket {
 
 /// `packets` packets of `shares` shares raced by `concurrency` tasks of distinct users, each
 /// task grabbing random unfinished packets until all are sold out. `hot` is one packet.
-pub async fn race<T: Target>(target: &T, name: &'static str, packets: u64, shares: u32, concurrency: usize, progress: bool) -> anyhow::Result<Outcome> {
+///
+/// Afterwards, `refusals` more attempts on the sold-out packets measure how fast the answers
+/// that cannot change come back: half by new users (sold out), half by users who already hold
+/// a share (their share again). A new user winning then would be an oversale: the run is void.
+pub async fn race<T: Target>(
+    target: &T,
+    name: &'static str,
+    packets: u64,
+    shares: u32,
+    concurrency: usize,
+    refusals: u64,
+    progress: bool,
+) -> anyhow::Result<Outcome> {
     let mut ids = Vec::new();
     for _ in 0..packets {
         ids.push(target.create(u64::from(shares) * 100, shares).await?);
@@ -175,6 +198,7 @@ pub async fn race<T: Target>(target: &T, name: &'static str, packets: u64, share
             tokio::spawn(async move {
                 let mut grab_h = histogram();
                 let mut sold_h = histogram();
+                let mut winners = Vec::new();
                 // Each task starts at its own place and walks every packet in turn.
                 let mut pick = (t * 7919) % ids.len();
                 let mut skipped = 0u32;
@@ -187,12 +211,14 @@ pub async fn race<T: Target>(target: &T, name: &'static str, packets: u64, share
                         }
                         continue;
                     }
-                    let user = format!("bench-user-{}", next_user.fetch_add(1, Ordering::Relaxed));
+                    let n = next_user.fetch_add(1, Ordering::Relaxed);
+                    let user = format!("bench-user-{n}");
                     let t0 = Instant::now();
                     tally.attempts.fetch_add(1, Ordering::Relaxed);
                     match target.grab(&ids[pick], &user).await {
                         Attempt::Won => {
                             let _ = grab_h.record(t0.elapsed().as_micros() as u64);
+                            winners.push((pick, n));
                             tally.grabs.fetch_add(1, Ordering::Relaxed);
                         }
                         Attempt::SoldOut => {
@@ -213,22 +239,28 @@ pub async fn race<T: Target>(target: &T, name: &'static str, packets: u64, share
                         }
                     }
                 }
-                (grab_h, sold_h)
+                (grab_h, sold_h, winners)
             })
         })
         .collect();
     let mut grab_latency = histogram();
     let mut sold_out_latency = histogram();
+    let mut winners = Vec::new();
     for t in tasks {
-        let (g, s) = t.await?;
+        let (g, s, w) = t.await?;
         grab_latency.add(&g)?;
         sold_out_latency.add(&s)?;
+        winners.extend(w);
     }
     let elapsed = started.elapsed();
     if let Some(r) = reporter {
         r.abort();
     }
-    let verified = target.verify(&ids).await?;
+    let after = refuse(target, &ids, Arc::new(winners), next_user.load(Ordering::Relaxed), concurrency, refusals).await?;
+    let verified = after.oversold == 0 && target.verify(&ids).await?;
+    if after.oversold > 0 {
+        eprintln!("{} new users got a share of a sold-out packet: oversale", after.oversold);
+    }
     Ok(Outcome {
         workload: name,
         elapsed,
@@ -240,8 +272,73 @@ pub async fn race<T: Target>(target: &T, name: &'static str, packets: u64, share
         packets,
         grab_latency: Some(grab_latency),
         sold_out_latency: Some(sold_out_latency),
+        refusal_latency: Some(after.sold_out),
+        duplicate_latency: Some(after.duplicate),
         verified,
     })
+}
+
+/// What the attempts after the race measured.
+struct AfterRace {
+    sold_out: Histogram<u64>,
+    duplicate: Histogram<u64>,
+    /// New users who won a share of a sold-out packet (must be 0).
+    oversold: u64,
+}
+
+/// `total` grabs on sold-out packets by `concurrency` tasks, alternating new users (from
+/// `first_new_user` on) and winners of the race grabbing again.
+async fn refuse<T: Target>(
+    target: &T,
+    ids: &Arc<Vec<String>>,
+    winners: Arc<Vec<(usize, u64)>>,
+    first_new_user: u64,
+    concurrency: usize,
+    total: u64,
+) -> anyhow::Result<AfterRace> {
+    let next = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (target, ids, winners, next) = (target.clone(), ids.clone(), winners.clone(), next.clone());
+            tokio::spawn(async move {
+                let (mut sold_h, mut dup_h, mut oversold) = (histogram(), histogram(), 0u64);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        break;
+                    }
+                    let repeat = i % 2 == 1 && !winners.is_empty();
+                    let (pick, user) = if repeat {
+                        let (pick, n) = winners[(i / 2) as usize % winners.len()];
+                        (pick, format!("bench-user-{n}"))
+                    } else {
+                        ((i / 2) as usize % ids.len(), format!("bench-user-{}", first_new_user + i))
+                    };
+                    let t0 = Instant::now();
+                    let attempt = target.grab(&ids[pick], &user).await;
+                    let micros = t0.elapsed().as_micros() as u64;
+                    match (repeat, attempt) {
+                        (true, _) => {
+                            let _ = dup_h.record(micros);
+                        }
+                        (false, Attempt::Won) => oversold += 1,
+                        (false, _) => {
+                            let _ = sold_h.record(micros);
+                        }
+                    }
+                }
+                (sold_h, dup_h, oversold)
+            })
+        })
+        .collect();
+    let mut after = AfterRace { sold_out: histogram(), duplicate: histogram(), oversold: 0 };
+    for t in tasks {
+        let (s, d, o) = t.await?;
+        after.sold_out.add(&s)?;
+        after.duplicate.add(&d)?;
+        after.oversold += o;
+    }
+    Ok(after)
 }
 
 /// Every packet is sold out and opened, and its claims sum exactly to its total.

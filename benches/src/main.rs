@@ -34,6 +34,10 @@ struct Cli {
     /// Connections to PostgreSQL or Redis shared by the concurrent clients.
     #[arg(long, global = true, default_value_t = 32)]
     pool: usize,
+    /// Grabs made after the race on the sold-out packets, half by new users, half repeats
+    /// by winners, to measure how fast those answers come back.
+    #[arg(long, global = true, default_value_t = 20_000)]
+    refusals: u64,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -56,6 +60,17 @@ enum Cmd {
     Many {
         #[arg(long, default_value_t = 2_000)]
         packets: u64,
+        #[arg(long, default_value_t = 10)]
+        shares: u32,
+    },
+    /// Creates, grabs, opens and reads in a ratio, for a while; then reconciles the money.
+    Mixed {
+        /// Relative weights create:grab:open:read.
+        #[arg(long, default_value = "1:10:9:5")]
+        ratio: redpacket_bench::mixed::Ratio,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Shares per created packet.
         #[arg(long, default_value_t = 10)]
         shares: u32,
     },
@@ -88,11 +103,11 @@ fn main() -> anyhow::Result<()> {
             let outcome = match cli.target {
                 TargetKind::Postgres => {
                     let pg = peers::postgres::Postgres::connect(&cli.pg, cli.pool).await?;
-                    run_workload(&pg, &command, cli.concurrency).await?
+                    run_workload(&pg, &command, cli.concurrency, cli.refusals).await?
                 }
                 TargetKind::Redis => {
                     let redis = peers::redis::Redis::connect(&cli.redis, cli.pool).await?;
-                    run_workload(&redis, &command, cli.concurrency).await?
+                    run_workload(&redis, &command, cli.concurrency, cli.refusals).await?
                 }
                 TargetKind::Redpacket => unreachable!("handled below"),
             };
@@ -111,17 +126,26 @@ fn main() -> anyhow::Result<()> {
             let client = Client::connect(&endpoints)?;
             let ledger = redpacket_client::ledger::Ledger::connect(&ledger_addr)?;
             ledger.deposit(&format!("bench-{}", rand::random::<u64>()), "bench-sender", 1_000_000_000_000).await?;
-            let outcome = run_workload(&load::Redpacket(client), &command, cli.concurrency).await?;
+            if let Cmd::Mixed { ratio, seconds, shares } = command {
+                let outcome = redpacket_bench::mixed::run(&client, ratio, std::time::Duration::from_secs(seconds), cli.concurrency, shares).await?;
+                println!("{}", outcome.table());
+                println!("{}", outcome.json());
+                drop(local);
+                anyhow::ensure!(outcome.reconciled, "the run lost or invented money: void");
+                return Ok(());
+            }
+            let outcome = run_workload(&load::Redpacket(client), &command, cli.concurrency, cli.refusals).await?;
             drop(local);
             report(&outcome)
         }),
     }
 }
 
-async fn run_workload<T: load::Target>(target: &T, command: &Cmd, concurrency: usize) -> anyhow::Result<load::Outcome> {
+async fn run_workload<T: load::Target>(target: &T, command: &Cmd, concurrency: usize, refusals: u64) -> anyhow::Result<load::Outcome> {
     match command {
-        Cmd::Hot { shares } => load::race(target, "hot", 1, *shares, concurrency, true).await,
-        Cmd::Many { packets, shares } => load::race(target, "many", *packets, *shares, concurrency, true).await,
+        Cmd::Hot { shares } => load::race(target, "hot", 1, *shares, concurrency, refusals, true).await,
+        Cmd::Many { packets, shares } => load::race(target, "many", *packets, *shares, concurrency, refusals, true).await,
+        Cmd::Mixed { .. } => anyhow::bail!("the mixed workload runs against redpacket only"),
         _ => unreachable!("serve commands handled above"),
     }
 }

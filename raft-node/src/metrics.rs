@@ -31,6 +31,7 @@ pub struct Metrics {
     proposals: IntCounterVec,
     batch_ops: prometheus::Histogram,
     admission_refused: prometheus::IntCounter,
+    wal_syncs: IntGauge,
     applied: IntGaugeVec,
     leader: IntGaugeVec,
     leader_changes: IntCounterVec,
@@ -61,6 +62,7 @@ impl Metrics {
         ));
         let admission_refused =
             must(prometheus::IntCounter::new("admission_refused_total", "Grabs answered BUSY by admission control"));
+        let wal_syncs = must(IntGauge::new("wal_syncs_total", "fsyncs of the RocksDB WAL for Raft log appends (one covers every group)"));
         let applied = must(IntGaugeVec::new(Opts::new("raft_last_applied_index", "Last applied log index per group"), &["group"]));
         let leader = must(IntGaugeVec::new(Opts::new("raft_is_leader", "1 when this node leads the group"), &["group"]));
         let leader_changes = must(IntCounterVec::new(Opts::new("raft_leader_changes_total", "Leader changes seen per group"), &["group"]));
@@ -73,6 +75,7 @@ impl Metrics {
             Box::new(proposals.clone()),
             Box::new(batch_ops.clone()),
             Box::new(admission_refused.clone()),
+            Box::new(wal_syncs.clone()),
             Box::new(applied.clone()),
             Box::new(leader.clone()),
             Box::new(leader_changes.clone()),
@@ -89,6 +92,7 @@ impl Metrics {
             proposals,
             batch_ops,
             admission_refused,
+            wal_syncs,
             applied,
             leader,
             leader_changes,
@@ -121,6 +125,7 @@ impl Metrics {
     /// Samples Raft and storage figures.
     pub fn sample(&self, groups: &Groups, store: &Store) {
         let me = groups.node_id();
+        self.wal_syncs.set(crate::storage::wal_sync::syncs() as i64);
         for (group, raft) in groups.all() {
             let g = group.to_string();
             let m = raft.metrics().borrow_watched().clone();

@@ -210,3 +210,51 @@ fn answer(group: u32, batch: Vec<Submission>, proposal: Proposal, waiting: &mut 
         Proposal::TimedOut => fail_all(batch, status::unavailable(format!("group {group}: not committed within {PROPOSE_TIMEOUT:?}; retry"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grab(packet: &PacketId, user: &str, shares_left: Option<u32>) -> (Submission, oneshot::Receiver<Outcome>) {
+        let (reply, answer) = oneshot::channel();
+        let op = PacketOp::Grab { packet_id: packet.clone(), user: user.into(), open: true };
+        (Submission { op, shares_left, forwarded: false, reply }, answer)
+    }
+
+    #[test]
+    fn grabs_beyond_the_limit_are_answered_busy_and_admitted_again_once_released() {
+        let metrics = Metrics::new(1);
+        let hot = PacketId::derive("s", "hot", 0);
+        let other = PacketId::derive("s", "other", 0);
+        let mut waiting = Waiting::default();
+        let limit = admission_limit(2);
+        let mut admitted = Vec::new();
+        for i in 0..limit {
+            let (sub, _) = grab(&hot, &format!("u{i}"), Some(2));
+            admitted.push(waiting.admit(sub, &metrics).expect("under the limit"));
+        }
+        let (sub, mut answer) = grab(&hot, "late", Some(2));
+        assert!(waiting.admit(sub, &metrics).is_none(), "over the limit");
+        let busy = answer.try_recv().expect("answered at once").expect_err("busy");
+        assert_eq!(busy.code(), tonic::Code::ResourceExhausted);
+        assert!(busy.message().contains("2 shares left"), "{}", busy.message());
+        // Another packet, an open, or a grab whose shares are unknown is not limited.
+        assert!(waiting.admit(grab(&other, "x", Some(2)).0, &metrics).is_some());
+        assert!(waiting.admit(grab(&hot, "y", None).0, &metrics).is_some());
+        let (reply, _) = oneshot::channel();
+        let open = Submission { op: PacketOp::Open { packet_id: hot.clone(), user: "z".into() }, shares_left: Some(2), forwarded: false, reply };
+        assert!(waiting.admit(open, &metrics).is_some());
+        // A finished grab makes room for one more.
+        waiting.release(&admitted.pop().unwrap());
+        assert!(waiting.admit(grab(&hot, "late", Some(2)).0, &metrics).is_some());
+        assert!(waiting.admit(grab(&hot, "later", Some(2)).0, &metrics).is_none());
+    }
+
+    #[test]
+    fn the_limit_follows_the_shares_left() {
+        assert_eq!(admission_limit(0), 16);
+        assert_eq!(admission_limit(10), 36);
+        assert!(admission_limit(10_000) >= 256, "a large packet is never limited by 256 racing users");
+        assert_eq!(admission_limit(u32::MAX), u32::MAX);
+    }
+}

@@ -10,6 +10,8 @@
 use std::io;
 use std::sync::Arc;
 use std::sync::Weak;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::thread;
 
@@ -17,6 +19,13 @@ use openraft::storage::IOFlushed;
 use rocksdb::DB;
 
 use crate::raft::TypeConfig;
+
+/// WAL fsyncs done by this process so far (for the `wal_syncs_total` metric).
+static SYNCS: AtomicU64 = AtomicU64::new(0);
+
+pub fn syncs() -> u64 {
+    SYNCS.load(Ordering::Relaxed)
+}
 
 #[derive(Clone)]
 pub struct WalSyncer {
@@ -36,7 +45,10 @@ impl WalSyncer {
                     let mut waiting = vec![first];
                     waiting.extend(rx.try_iter());
                     let result = match db.upgrade() {
-                        Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
+                        Some(db) => {
+                            SYNCS.fetch_add(1, Ordering::Relaxed);
+                            db.flush_wal(true).map_err(|e| e.to_string())
+                        }
                         None => Err("database closed".to_string()),
                     };
                     for callback in waiting {
