@@ -160,16 +160,18 @@ impl Target for Redpacket {
 /// `packets` packets of `shares` shares raced by `concurrency` tasks of distinct users, each
 /// task grabbing random unfinished packets until all are sold out. `hot` is one packet.
 ///
-/// Afterwards, `refusals` more attempts on the sold-out packets measure how fast the answers
-/// that cannot change come back: half by new users (sold out), half by users who already hold
-/// a share (their share again). A new user winning then would be an oversale: the run is void.
+/// Afterwards, `refusals.0` more attempts on the sold-out packets by `refusals.1` concurrent
+/// clients measure how fast the answers that cannot change come back: half by new users
+/// (sold out), half by users who already hold a share (their share again). A new user winning
+/// then would be an oversale: the run is void. (Fewer clients than in the race: with 256
+/// clients in a closed loop, latency is only 256 / throughput, whatever the path.)
 pub async fn race<T: Target>(
     target: &T,
     name: &'static str,
     packets: u64,
     shares: u32,
     concurrency: usize,
-    refusals: u64,
+    refusals: (u64, usize),
     progress: bool,
 ) -> anyhow::Result<Outcome> {
     let mut ids = Vec::new();
@@ -256,7 +258,7 @@ pub async fn race<T: Target>(
     if let Some(r) = reporter {
         r.abort();
     }
-    let after = refuse(target, &ids, Arc::new(winners), next_user.load(Ordering::Relaxed), concurrency, refusals).await?;
+    let after = refuse(target, &ids, Arc::new(winners), next_user.load(Ordering::Relaxed), refusals.1, refusals.0).await?;
     let verified = after.oversold == 0 && target.verify(&ids).await?;
     if after.oversold > 0 {
         eprintln!("{} new users got a share of a sold-out packet: oversale", after.oversold);

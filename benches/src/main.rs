@@ -38,6 +38,9 @@ struct Cli {
     /// by winners, to measure how fast those answers come back.
     #[arg(long, global = true, default_value_t = 20_000)]
     refusals: u64,
+    /// Concurrent clients making those grabs.
+    #[arg(long, global = true, default_value_t = 16)]
+    refusal_concurrency: usize,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -103,11 +106,11 @@ fn main() -> anyhow::Result<()> {
             let outcome = match cli.target {
                 TargetKind::Postgres => {
                     let pg = peers::postgres::Postgres::connect(&cli.pg, cli.pool).await?;
-                    run_workload(&pg, &command, cli.concurrency, cli.refusals).await?
+                    run_workload(&pg, &command, cli.concurrency, (cli.refusals, cli.refusal_concurrency)).await?
                 }
                 TargetKind::Redis => {
                     let redis = peers::redis::Redis::connect(&cli.redis, cli.pool).await?;
-                    run_workload(&redis, &command, cli.concurrency, cli.refusals).await?
+                    run_workload(&redis, &command, cli.concurrency, (cli.refusals, cli.refusal_concurrency)).await?
                 }
                 TargetKind::Redpacket => unreachable!("handled below"),
             };
@@ -134,14 +137,14 @@ fn main() -> anyhow::Result<()> {
                 anyhow::ensure!(outcome.reconciled, "the run lost or invented money: void");
                 return Ok(());
             }
-            let outcome = run_workload(&load::Redpacket(client), &command, cli.concurrency, cli.refusals).await?;
+            let outcome = run_workload(&load::Redpacket(client), &command, cli.concurrency, (cli.refusals, cli.refusal_concurrency)).await?;
             drop(local);
             report(&outcome)
         }),
     }
 }
 
-async fn run_workload<T: load::Target>(target: &T, command: &Cmd, concurrency: usize, refusals: u64) -> anyhow::Result<load::Outcome> {
+async fn run_workload<T: load::Target>(target: &T, command: &Cmd, concurrency: usize, refusals: (u64, usize)) -> anyhow::Result<load::Outcome> {
     match command {
         Cmd::Hot { shares } => load::race(target, "hot", 1, *shares, concurrency, refusals, true).await,
         Cmd::Many { packets, shares } => load::race(target, "many", *packets, *shares, concurrency, refusals, true).await,

@@ -12,6 +12,10 @@
 //! leaders racing on one transfer always record the same outcome. Payments and refunds come
 //! out of escrow, which the funding filled; they are retried until they commit.
 //!
+//! A round carries out up to [`BATCH`] pending transfers of a group with two ledger calls,
+//! `PrepareBatch` then `CommitBatch`; each item of a batch is exactly the single call, with
+//! its own outcome, so batching changes the number of round trips, not the semantics.
+//!
 //! The same loop closes expired packets: it proposes `Expire` with the leader's clock, and
 //! the state machine records the refund.
 
@@ -72,7 +76,7 @@ async fn settle_group(group: u32, raft: &Raft, store: &Store, ledger: PaymentLed
     if pending.is_empty() {
         return Ok(());
     }
-    let outcomes = futures::future::join_all(pending.iter().map(|t| execute(ledger.clone(), t))).await;
+    let outcomes = execute_all(ledger, &pending).await;
     let settled: Vec<SettledTransfer> = pending
         .iter()
         .zip(outcomes)
@@ -111,42 +115,68 @@ fn is_definitive(status: &tonic::Status) -> bool {
     matches!(status.code(), Code::FailedPrecondition | Code::NotFound | Code::AlreadyExists | Code::InvalidArgument | Code::OutOfRange)
 }
 
-/// Carries out one transfer. `None` means "not decided yet" (the ledger is unreachable or
-/// slow): the transfer stays pending and the next round tries again.
-async fn execute(mut ledger: PaymentLedgerClient<Channel>, t: &Transfer) -> Option<Settlement> {
-    let prepare = pb::PrepareRequest {
-        transfer_id: t.id.clone(),
-        from_account: t.from.clone(),
-        to_account: t.to.clone(),
-        amount_cents: t.amount,
+/// Carries out `transfers`: one `PrepareBatch`, then one `CommitBatch` for the prepared.
+/// Each outcome is `None` when not decided yet (the ledger is unreachable or slow): that
+/// transfer stays pending and the next round tries again.
+async fn execute_all(mut ledger: PaymentLedgerClient<Channel>, transfers: &[Transfer]) -> Vec<Option<Settlement>> {
+    let mut outcomes: Vec<Option<Settlement>> = vec![None; transfers.len()];
+    let prepare = pb::PrepareBatchRequest {
+        transfers: transfers
+            .iter()
+            .map(|t| pb::PrepareRequest { transfer_id: t.id.clone(), from_account: t.from.clone(), to_account: t.to.clone(), amount_cents: t.amount })
+            .collect(),
     };
-    match ledger.prepare(request(prepare)).await {
-        Ok(_) => {}
-        Err(status) if is_definitive(&status) && t.kind == TransferKind::Fund => {
-            return abort(&mut ledger, t, status.message()).await;
-        }
-        Err(status) if is_definitive(&status) => {
-            tracing::error!(transfer = %t.id, packet_id = %t.packet_id, "ledger refused a {:?}: {status}; will retry", t.kind);
-            return None;
-        }
+    let prepared = match ledger.prepare_batch(request(prepare)).await {
+        Ok(r) => r.into_inner().outcomes,
         Err(status) => {
-            tracing::debug!(transfer = %t.id, "prepare not answered: {status}");
-            return None;
+            tracing::debug!(count = transfers.len(), "prepare batch not answered: {status}");
+            return outcomes;
+        }
+    };
+    let mut to_commit = Vec::new();
+    for (i, (t, item)) in transfers.iter().zip(&prepared).enumerate() {
+        let status = item_status(item);
+        match status {
+            None => to_commit.push(i),
+            Some(status) if is_definitive(&status) && t.kind == TransferKind::Fund => {
+                outcomes[i] = abort(&mut ledger, t, status.message()).await;
+            }
+            Some(status) if is_definitive(&status) => {
+                tracing::error!(transfer = %t.id, packet_id = %t.packet_id, "ledger refused a {:?}: {status}; will retry", t.kind);
+            }
+            Some(status) => tracing::debug!(transfer = %t.id, "prepare not done: {status}"),
         }
     }
-    // Crash between the two phases: the hold stays until a leader commits it.
+    if to_commit.is_empty() {
+        return outcomes;
+    }
+    // Crash between the two phases: the holds stay until a leader commits them.
     fail::fail_point!("settle-after-prepare", |_| std::process::abort());
-    match ledger.commit(request(pb::TransferIdRequest { transfer_id: t.id.clone() })).await {
-        Ok(_) => Some(Settlement::Committed),
-        Err(status) if status.code() == Code::FailedPrecondition => {
-            // Another leader aborted it first; the ledger's word stands.
-            Some(Settlement::Aborted { reason: status.message().to_string() })
-        }
+    let commit = pb::CommitBatchRequest { transfer_ids: to_commit.iter().map(|&i| transfers[i].id.clone()).collect() };
+    let committed = match ledger.commit_batch(request(commit)).await {
+        Ok(r) => r.into_inner().outcomes,
         Err(status) => {
-            tracing::debug!(transfer = %t.id, "commit not answered: {status}");
-            None
+            tracing::debug!(count = to_commit.len(), "commit batch not answered: {status}");
+            return outcomes;
         }
+    };
+    for (&i, item) in to_commit.iter().zip(&committed) {
+        outcomes[i] = match item_status(item) {
+            None => Some(Settlement::Committed),
+            // Another leader aborted it first; the ledger's word stands.
+            Some(status) if status.code() == Code::FailedPrecondition => Some(Settlement::Aborted { reason: status.message().to_string() }),
+            Some(status) => {
+                tracing::debug!(transfer = %transfers[i].id, "commit not done: {status}");
+                None
+            }
+        };
     }
+    outcomes
+}
+
+/// The status of one item of a batch answer (`None`: it succeeded).
+fn item_status(item: &pb::BatchOutcome) -> Option<tonic::Status> {
+    (item.code != Code::Ok as i32).then(|| tonic::Status::new(Code::from_i32(item.code), item.message.clone()))
 }
 
 /// Abandons a funding transfer the ledger refused; records whatever the ledger finally says.

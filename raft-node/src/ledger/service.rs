@@ -40,6 +40,21 @@ fn status(e: LedgerError) -> Status {
     }
 }
 
+/// Each item's outcome as the single call would have answered it.
+fn batch_pb(ids: impl Iterator<Item = String>, results: Vec<Result<Transfer, LedgerError>>) -> pb::BatchResponse {
+    let outcomes = ids
+        .zip(results)
+        .map(|(transfer_id, result)| match result {
+            Ok(t) => pb::BatchOutcome { transfer_id, code: 0, message: String::new(), transfer: Some(transfer_pb(t)) },
+            Err(e) => {
+                let s = status(e);
+                pb::BatchOutcome { transfer_id, code: s.code() as i32, message: s.message().to_string(), transfer: None }
+            }
+        })
+        .collect();
+    pb::BatchResponse { outcomes }
+}
+
 fn transfer_pb(t: Transfer) -> pb::Transfer {
     let state = match t.state {
         TransferState::Prepared => pb::TransferState::Prepared,
@@ -97,6 +112,26 @@ impl PaymentLedger for LedgerService {
     async fn prepare(&self, request: Request<pb::PrepareRequest>) -> Result<Response<pb::Transfer>, Status> {
         let r = request.into_inner();
         self.call(move |l| l.prepare(&r.transfer_id, &r.from_account, &r.to_account, r.amount_cents).map(transfer_pb)).await
+    }
+
+    async fn prepare_batch(&self, request: Request<pb::PrepareBatchRequest>) -> Result<Response<pb::BatchResponse>, Status> {
+        let r = request.into_inner();
+        self.call(move |l| {
+            let items: Vec<_> =
+                r.transfers.iter().map(|t| (t.transfer_id.as_str(), t.from_account.as_str(), t.to_account.as_str(), t.amount_cents)).collect();
+            let results = l.prepare_many(&items)?;
+            Ok(batch_pb(r.transfers.iter().map(|t| t.transfer_id.clone()), results))
+        })
+        .await
+    }
+
+    async fn commit_batch(&self, request: Request<pb::CommitBatchRequest>) -> Result<Response<pb::BatchResponse>, Status> {
+        let ids = request.into_inner().transfer_ids;
+        self.call(move |l| {
+            let results = l.commit_many(&ids.iter().map(String::as_str).collect::<Vec<_>>())?;
+            Ok(batch_pb(ids.iter().cloned(), results))
+        })
+        .await
     }
 
     async fn commit(&self, request: Request<pb::TransferIdRequest>) -> Result<Response<pb::Transfer>, Status> {
