@@ -14,6 +14,8 @@ use redpacket_node::config::NodeConfig;
 
 pub struct LocalCluster {
     pub endpoints: Vec<String>,
+    /// The nodes' Prometheus endpoints.
+    pub metrics: Vec<std::net::SocketAddr>,
     pub ledger: String,
     children: Vec<Child>,
     _dir: tempfile::TempDir,
@@ -39,12 +41,16 @@ impl LocalCluster {
                 .spawn()?,
         );
         let mut endpoints = Vec::new();
+        let mut metrics = Vec::new();
         for id in 1..=nodes {
             let mut config = NodeConfig::local(id, free_port()?, dir.path().join(format!("node-{id}")));
             config.groups = groups;
             config.limits.max_shares = 100_000;
             config.limits.max_total_cents = 1_000_000_000_000;
             config.payment.endpoint = ledger.clone();
+            let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+            config.metrics_addr = Some(metrics_addr);
+            metrics.push(metrics_addr);
             let path: PathBuf = dir.path().join(format!("node-{id}.toml"));
             std::fs::write(&path, toml::to_string(&config)?)?;
             endpoints.push(config.advertise_addr());
@@ -59,7 +65,7 @@ impl LocalCluster {
                     .spawn()?,
             );
         }
-        let cluster = LocalCluster { endpoints, ledger, children, _dir: dir };
+        let cluster = LocalCluster { endpoints, metrics, ledger, children, _dir: dir };
         let client = Client::connect(&cluster.endpoints)?;
         let mut members = Vec::new();
         for _ in 0..300 {
@@ -85,6 +91,54 @@ impl LocalCluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         anyhow::bail!("the local cluster did not elect leaders")
+    }
+}
+
+/// Counters summed over the nodes, read from their `/metrics`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ClusterFigures {
+    pub wal_syncs: f64,
+    pub batches: f64,
+    pub batched_ops: f64,
+    pub admission_refused: f64,
+}
+
+impl ClusterFigures {
+    pub fn since(self, before: ClusterFigures) -> ClusterFigures {
+        ClusterFigures {
+            wal_syncs: self.wal_syncs - before.wal_syncs,
+            batches: self.batches - before.batches,
+            batched_ops: self.batched_ops - before.batched_ops,
+            admission_refused: self.admission_refused - before.admission_refused,
+        }
+    }
+}
+
+impl LocalCluster {
+    /// Reads the nodes' counters (a plain HTTP/1.0 GET: a client crate for four numbers
+    /// is not worth its build time).
+    pub async fn figures(&self) -> anyhow::Result<ClusterFigures> {
+        use tokio::io::AsyncReadExt;
+        use tokio::io::AsyncWriteExt;
+        let mut f = ClusterFigures::default();
+        for addr in &self.metrics {
+            let mut stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
+            let mut text = String::new();
+            stream.read_to_string(&mut text).await?;
+            for line in text.lines().filter(|l| !l.starts_with('#')) {
+                let (Some(name), Some(value)) = (line.split(['{', ' ']).next(), line.rsplit(' ').next()) else { continue };
+                let value: f64 = value.parse().unwrap_or(0.0);
+                match name {
+                    "redpacket_wal_syncs_total" => f.wal_syncs += value,
+                    "redpacket_batch_operations_count" => f.batches += value,
+                    "redpacket_batch_operations_sum" => f.batched_ops += value,
+                    "redpacket_admission_refused_total" => f.admission_refused += value,
+                    _ => {}
+                }
+            }
+        }
+        Ok(f)
     }
 }
 

@@ -137,7 +137,25 @@ fn main() -> anyhow::Result<()> {
                 anyhow::ensure!(outcome.reconciled, "the run lost or invented money: void");
                 return Ok(());
             }
+            let before = match &local {
+                Some(c) => Some(c.figures().await?),
+                None => None,
+            };
             let outcome = run_workload(&load::Redpacket(client), &command, cli.concurrency, (cli.refusals, cli.refusal_concurrency)).await?;
+            if let (Some(c), Some(before)) = (&local, before) {
+                // Sampled once a second by the nodes, so wait for the last sample.
+                tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+                let d = c.figures().await?.since(before);
+                eprintln!(
+                    "cluster during the run (3 nodes, race and refusals): {:.0} Batch entries carrying {:.0} grabs/opens ({:.1} per entry); {:.0} WAL fsyncs ({:.0}/s over the race); {:.0} BUSY answers",
+                    d.batches,
+                    d.batched_ops,
+                    d.batched_ops / d.batches.max(1.0),
+                    d.wal_syncs,
+                    d.wal_syncs / outcome.elapsed.as_secs_f64().max(1e-9),
+                    d.admission_refused
+                );
+            }
             drop(local);
             report(&outcome)
         }),
