@@ -69,19 +69,22 @@ pub async fn run(groups: Arc<Groups>, store: Store, ledger: PaymentLedgerClient<
         if expire {
             last_expiry = tokio::time::Instant::now();
         }
-        for (group, raft) in groups.all() {
-            if !raft.is_leader() {
-                continue;
-            }
-            if let Err(e) = settle_group(group, raft, &store, ledger.clone()).await {
-                tracing::warn!(group, "settlement round: {e}");
-            }
-            if expire {
-                if let Err(e) = expire_group(group, raft, &store).await {
-                    tracing::warn!(group, "expiry round: {e}");
+        // Groups are settled side by side: a create waits for its funding, so a pass must not
+        // cost the sum of every group's ledger round trips.
+        let rounds = groups.all().filter(|(_, raft)| raft.is_leader()).map(|(group, raft)| {
+            let (store, ledger) = (&store, ledger.clone());
+            async move {
+                if let Err(e) = settle_group(group, raft, store, ledger).await {
+                    tracing::warn!(group, "settlement round: {e}");
+                }
+                if expire {
+                    if let Err(e) = expire_group(group, raft, store).await {
+                        tracing::warn!(group, "expiry round: {e}");
+                    }
                 }
             }
-        }
+        });
+        futures::future::join_all(rounds).await;
         tokio::time::sleep(MIN_PASS_GAP).await;
     }
 }
