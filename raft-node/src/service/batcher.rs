@@ -157,10 +157,12 @@ async fn run(group: u32, raft: Raft, mut queue: mpsc::Receiver<Submission>, metr
             Some((batch, result)) = in_flight.next(), if !in_flight.is_empty() => {
                 answer(group, batch, result, &mut waiting);
             }
-            sub = queue.recv() => match sub {
+            // A full next batch waits in the queue, not in memory here.
+            sub = queue.recv(), if next.len() < MAX_BATCH => match sub {
                 Some(sub) => next.extend(waiting.admit(sub, &metrics)),
                 None => return,
             },
+            else => {}
         }
         // Take everything that is already queued, up to a full batch.
         while next.len() < MAX_BATCH {
@@ -170,7 +172,7 @@ async fn run(group: u32, raft: Raft, mut queue: mpsc::Receiver<Submission>, metr
             }
         }
         if !next.is_empty() && in_flight.len() < MAX_IN_FLIGHT {
-            let batch = std::mem::take(&mut next);
+            let batch: Vec<Submission> = next.drain(..next.len().min(MAX_BATCH)).collect();
             let ops: Vec<PacketOp> = batch.iter().map(|s| s.op.clone()).collect();
             metrics.proposal(group);
             metrics.batch(ops.len());
