@@ -148,7 +148,8 @@ async fn a_crash_in_the_middle_of_an_apply_batch_loses_nothing() {
     let p = client.create_packet(NewPacket::lucky("alice", 5_000, 50, Recipients::Anyone)).await.unwrap();
     let leader = cluster.leader_of(p.group).await.unwrap();
     cluster.client_of(leader).set_failpoint("apply-mid-batch", "return").await.unwrap();
-    // Concurrent grabs make multi-entry batches: the leader dies applying one.
+    // Concurrent grabs make multi-operation entries (and multi-entry applies): the leader dies
+    // applying one.
     let grabs: Vec<_> = (0..50)
         .map(|i| {
             let client = client.clone();

@@ -100,7 +100,12 @@ impl<'a> Txn<'a> {
             Command::Open { packet_id, user, at } => self.open(packet_id, user, *at),
             Command::Batch { ops, at } => {
                 let mut replies = Vec::with_capacity(ops.len());
-                for op in ops {
+                for (i, op) in ops.iter().enumerate() {
+                    if i == 1 {
+                        // Crash between two operations of one entry: none of them may reach the
+                        // state (the writes are committed together, after the whole batch).
+                        fail::fail_point!("apply-mid-batch", |_| std::process::abort());
+                    }
                     replies.push(match op {
                         PacketOp::Grab { packet_id, user, open } => self.grab(packet_id, user, *at, *open)?,
                         PacketOp::Open { packet_id, user } => self.open(packet_id, user, *at)?,
