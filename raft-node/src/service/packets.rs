@@ -163,6 +163,18 @@ impl PacketService {
         }
     }
 
+    /// A grab (with `open`, a grab-and-open): the fast path's answer, else the reply of the
+    /// group's next batch, else the leader's address to forward to.
+    async fn grab_here(&self, group: u32, forwarded: bool, id: &PacketId, user: &str, open: bool) -> Result<Result<Reply, String>, Status> {
+        match self.fast_grab(group, id, user, open)? {
+            FastPath::Answered(reply) => Ok(Ok(reply)),
+            FastPath::Log { shares_left } => {
+                let op = PacketOp::Grab { packet_id: id.clone(), user: user.to_string(), open };
+                self.submit(group, forwarded, op, shares_left).await
+            }
+        }
+    }
+
     fn read_packet(&self, group: u32, id: &PacketId) -> Result<pb::Packet, Status> {
         let reader = self.ctx.store.reader(group);
         let packet = reader
@@ -283,15 +295,9 @@ impl PacketService {
         let packet_id = parse_packet_id(&body.packet_id)?;
         check_user("user", &body.user)?;
         let group = packet_id.group(self.ctx.groups.count());
-        let reply = match self.fast_grab(group, &packet_id, &body.user, false)? {
-            FastPath::Answered(reply) => reply,
-            FastPath::Log { shares_left } => {
-                let op = PacketOp::Grab { packet_id: packet_id.clone(), user: body.user.clone(), open: false };
-                match self.submit(group, forwarded, op, shares_left).await? {
-                    Ok(reply) => reply,
-                    Err(addr) => return self.client(&addr)?.grab(forward_request(body)).await,
-                }
-            }
+        let reply = match self.grab_here(group, forwarded, &packet_id, &body.user, false).await? {
+            Ok(reply) => reply,
+            Err(addr) => return self.client(&addr)?.grab(forward_request(body)).await,
         };
         let mut resp = grab_reply(reply)?;
         resp.packet_id = packet_id.to_string();
@@ -317,15 +323,9 @@ impl PacketService {
         let packet_id = parse_packet_id(&body.packet_id)?;
         check_user("user", &body.user)?;
         let group = packet_id.group(self.ctx.groups.count());
-        let reply = match self.fast_grab(group, &packet_id, &body.user, true)? {
-            FastPath::Answered(reply) => reply,
-            FastPath::Log { shares_left } => {
-                let op = PacketOp::Grab { packet_id: packet_id.clone(), user: body.user.clone(), open: true };
-                match self.submit(group, forwarded, op, shares_left).await? {
-                    Ok(reply) => reply,
-                    Err(addr) => return self.client(&addr)?.grab_and_open(forward_request(body)).await,
-                }
-            }
+        let reply = match self.grab_here(group, forwarded, &packet_id, &body.user, true).await? {
+            Ok(reply) => reply,
+            Err(addr) => return self.client(&addr)?.grab_and_open(forward_request(body)).await,
         };
         Ok(Response::new(open_reply(&packet_id, reply)?))
     }
