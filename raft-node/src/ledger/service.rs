@@ -228,7 +228,7 @@ pub async fn run(config: LedgerConfig, shutdown: impl std::future::Future<Output
         .add_service(health_service)
         .add_service(reflection)
         .add_service(PaymentLedgerServer::new(LedgerService::new(ledger, config.faults)).max_decoding_message_size(1 << 20))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await?;
     Ok(())
 }
