@@ -20,6 +20,7 @@
 //! ```
 
 mod error;
+mod gather;
 pub mod ledger;
 pub mod money;
 
@@ -196,6 +197,8 @@ pub struct ConnectOptions {
 #[derive(Clone)]
 pub struct Client {
     endpoints: Arc<Vec<(String, AuthChannel)>>,
+    /// Per endpoint (same order): gathers concurrent grabs and opens into batch requests.
+    gatherers: Arc<Vec<gather::Gatherer>>,
     /// Index of the endpoint that answered last; calls start there.
     current: Arc<AtomicUsize>,
     /// Packet id → index of the endpoint that leads its group, as the last answer said.
@@ -246,8 +249,10 @@ impl Client {
         if list.is_empty() {
             return Err(Error::Endpoint("no endpoints given".into()));
         }
+        let gatherers = list.iter().map(|(_, channel)| gather::Gatherer::new(channel.clone())).collect();
         Ok(Client {
             endpoints: Arc::new(list),
+            gatherers: Arc::new(gatherers),
             current: Arc::new(AtomicUsize::new(0)),
             leaders: Default::default(),
             policy: RetryPolicy::default(),
@@ -280,15 +285,37 @@ impl Client {
         F: FnMut(AuthChannel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        self.retry_at(packet, |index| call(self.endpoints[index].1.clone())).await
+    }
+
+    /// A grab or open for one user, gathered with other concurrent calls to the same node
+    /// into one batch request, and retried like any single call.
+    async fn gathered(&self, operation: pb::Operation, packet_id: &str, user: &str) -> Result<pb::BatchResult, Error> {
+        let item = pb::BatchItem { operation: operation as i32, packet_id: packet_id.to_string(), user: user.to_string() };
+        self.retry_at(Some(packet_id), |index| {
+            let gatherer = self.gatherers[index].clone();
+            let item = item.clone();
+            async move { gatherer.call(item).await }
+        })
+        .await
+    }
+
+    /// The retry loop: `call` gets the index of the endpoint to try.
+    async fn retry_at<T, F, Fut>(&self, packet: Option<&str>, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let start = Instant::now();
         let mut backoff = self.policy.initial_backoff;
         let hinted = packet.and_then(|p| self.leaders.lock().expect("hints").get(p).copied());
         let mut index = hinted.unwrap_or_else(|| self.current.load(Ordering::Relaxed));
         loop {
-            let (addr, channel) = &self.endpoints[index % self.endpoints.len()];
-            let last = match tokio::time::timeout(self.policy.attempt_timeout, call(channel.clone())).await {
+            let index_now = index % self.endpoints.len();
+            let addr = &self.endpoints[index_now].0;
+            let last = match tokio::time::timeout(self.policy.attempt_timeout, call(index_now)).await {
                 Ok(Ok(resp)) => {
-                    self.current.store(index % self.endpoints.len(), Ordering::Relaxed);
+                    self.current.store(index_now, Ordering::Relaxed);
                     self.learn_leader(packet, resp.metadata());
                     return Ok(resp.into_inner());
                 }
@@ -343,31 +370,19 @@ impl Client {
 
     /// Takes a share for `user`. Repeating it returns the same share.
     pub async fn grab(&self, packet_id: &str, user: &str) -> Result<Grabbed, Error> {
-        let req = pb::GrabRequest { packet_id: packet_id.to_string(), user: user.to_string() };
-        let r = self.retry_for(Some(packet_id), |ch| {
-            let req = req.clone();
-            async move { RedPacketClient::new(ch).grab(req).await }
-        }).await?;
+        let r = self.gathered(pb::Operation::Grab, packet_id, user).await?;
         Ok(Grabbed { share_index: r.share_index, shares_left: r.shares_left })
     }
 
     /// Opens the share `user` grabbed, revealing its amount. Repeating it returns the same.
     pub async fn open(&self, packet_id: &str, user: &str) -> Result<Opened, Error> {
-        let req = pb::OpenRequest { packet_id: packet_id.to_string(), user: user.to_string() };
-        let r = self.retry_for(Some(packet_id), |ch| {
-            let req = req.clone();
-            async move { RedPacketClient::new(ch).open(req).await }
-        }).await?;
+        let r = self.gathered(pb::Operation::Open, packet_id, user).await?;
         Ok(Opened { share_index: r.share_index, amount_cents: r.amount_cents })
     }
 
     /// Grab and open in one round trip.
     pub async fn grab_and_open(&self, packet_id: &str, user: &str) -> Result<Opened, Error> {
-        let req = pb::GrabRequest { packet_id: packet_id.to_string(), user: user.to_string() };
-        let r = self.retry_for(Some(packet_id), |ch| {
-            let req = req.clone();
-            async move { RedPacketClient::new(ch).grab_and_open(req).await }
-        }).await?;
+        let r = self.gathered(pb::Operation::GrabAndOpen, packet_id, user).await?;
         Ok(Opened { share_index: r.share_index, amount_cents: r.amount_cents })
     }
 

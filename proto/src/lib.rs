@@ -28,3 +28,6 @@ pub const REASON_METADATA_KEY: &str = "redpacket-reason";
 /// request, so a client can send the packet's next requests straight there, skipping the
 /// forwarding hop. Only a hint: any node still serves any request.
 pub const LEADER_METADATA_KEY: &str = "redpacket-leader";
+
+/// Most items in one `RedPacket/Batch` request.
+pub const MAX_BATCH_ITEMS: usize = 1024;

@@ -2,6 +2,7 @@
 //! receiving side of the Raft transport. All share one [`NodeContext`].
 
 pub mod admin;
+pub mod batch;
 pub mod batcher;
 pub mod convert;
 pub mod membership;

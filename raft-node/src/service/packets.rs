@@ -408,4 +408,8 @@ impl RedPacket for PacketService {
         let id = request.get_ref().packet_id.clone();
         self.observed("get_packet", &id, self.handle_get_packet(request)).await
     }
+
+    async fn batch(&self, request: Request<pb::BatchRequest>) -> Result<Response<pb::BatchResponse>, Status> {
+        self.observed("batch", "", super::batch::serve(self, request)).await
+    }
 }
