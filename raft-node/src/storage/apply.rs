@@ -38,13 +38,14 @@ pub struct Txn<'a> {
     batch: WriteBatch,
     /// Values written by earlier entries of this batch (`None`: deleted).
     pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Whether this batch recorded a transfer the leader must carry out.
-    new_transfers: bool,
+    /// Whether this batch recorded a funding transfer: a create waits for it, so the
+    /// leader's settler is woken at once (payments and refunds wait for its next pass).
+    new_funding: bool,
 }
 
 impl<'a> Txn<'a> {
     pub fn new(db: &'a DB, group: u32) -> Self {
-        Txn { db, group, batch: WriteBatch::default(), pending: HashMap::new(), new_transfers: false }
+        Txn { db, group, batch: WriteBatch::default(), pending: HashMap::new(), new_funding: false }
     }
 
     fn cf(&self) -> &'a rocksdb::ColumnFamily {
@@ -77,13 +78,13 @@ impl<'a> Txn<'a> {
     fn record_transfer(&mut self, transfer: &Transfer) -> io::Result<()> {
         self.put(keys::transfer(self.group, &transfer.id), transfer)?;
         self.put(keys::unsettled(self.group, &transfer.id), &())?;
-        self.new_transfers = true;
+        self.new_funding |= transfer.kind == TransferKind::Fund;
         Ok(())
     }
 
-    /// Whether this batch recorded transfers (so the settler should wake up).
-    pub fn recorded_transfers(&self) -> bool {
-        self.new_transfers
+    /// Whether this batch recorded a funding transfer (so the settler should wake up).
+    pub fn recorded_funding(&self) -> bool {
+        self.new_funding
     }
 
     /// Hands the collected writes to the caller, who adds the metadata and commits.

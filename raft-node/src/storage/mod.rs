@@ -47,7 +47,7 @@ pub struct Store {
     db: Arc<DB>,
     wal: WalSyncer,
     snapshot_dir: PathBuf,
-    /// Signalled when an apply records a transfer, so the settler acts at once.
+    /// Signalled when an apply records a funding transfer, so the settler acts at once.
     settle_wake: Arc<tokio::sync::Notify>,
 }
 
@@ -115,7 +115,7 @@ impl Store {
         GroupStateMachine::new(self.db.clone(), group, self.snapshot_dir.clone(), self.settle_wake.clone())
     }
 
-    /// Woken when any group records a new transfer.
+    /// Woken when any group records a new funding transfer.
     pub fn settle_wake(&self) -> &Arc<tokio::sync::Notify> {
         &self.settle_wake
     }

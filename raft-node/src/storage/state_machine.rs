@@ -210,7 +210,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                 replies.push((responder, reply));
             }
         }
-        let wake = txn.recorded_transfers();
+        let wake = txn.recorded_funding();
         let mut batch: WriteBatch = txn.into_batch();
         let cf_meta = db.cf_handle(keys::CF_SM_META).expect("cf sm_meta");
         batch.put_cf(cf_meta, keys::group_prefix(self.group), codec::encode(&state)?);
