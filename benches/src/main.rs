@@ -41,6 +41,9 @@ struct Cli {
     /// Concurrent clients making those grabs.
     #[arg(long, global = true, default_value_t = 16)]
     refusal_concurrency: usize,
+    /// Raft groups of the local cluster (the nodes' default is 16).
+    #[arg(long, global = true, default_value_t = 16)]
+    groups: u32,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -121,7 +124,7 @@ fn main() -> anyhow::Result<()> {
                 Some(e) => (None, e.split(',').map(String::from).collect::<Vec<_>>(), cli.ledger.clone()),
                 None => {
                     eprintln!("starting a local 3-node cluster and payment ledger…");
-                    let c = LocalCluster::start(3, 16).await?;
+                    let c = LocalCluster::start(3, cli.groups).await?;
                     let (e, l) = (c.endpoints.clone(), c.ledger.clone());
                     (Some(c), e, l)
                 }
