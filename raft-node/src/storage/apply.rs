@@ -4,6 +4,10 @@
 //! before they reach RocksDB; writes collect in one `WriteBatch` that the state machine
 //! commits together with `last_applied`. The packet rules themselves live in
 //! [`crate::packet`]; this module only loads, calls and stores.
+//!
+//! A hot packet is changed by every grab of a batch, so the overlay keeps packets decoded
+//! and writes each one once, when the batch is committed: not a JSON decode, an encode and
+//! a memtable insert per grab.
 
 use std::collections::HashMap;
 use std::io;
@@ -31,13 +35,20 @@ use crate::raft::PacketOp;
 use crate::raft::Reply;
 use crate::raft::SettledTransfer;
 
+/// A value written by an earlier entry of the batch, not yet in RocksDB.
+enum Staged {
+    /// A packet record, kept decoded (encoded once, in [`Txn::into_batch`]).
+    Packet(Packet),
+    Encoded(Vec<u8>),
+    Deleted,
+}
+
 /// Pending writes of one apply batch over the committed state of one group.
 pub struct Txn<'a> {
     db: &'a DB,
     group: u32,
-    batch: WriteBatch,
-    /// Values written by earlier entries of this batch (`None`: deleted).
-    pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Values written by earlier entries of this batch; the last write of a key wins.
+    pending: HashMap<Vec<u8>, Staged>,
     /// Whether this batch recorded a funding transfer: a create waits for it, so the
     /// leader's settler is woken at once (payments and refunds wait for its next pass).
     new_funding: bool,
@@ -45,33 +56,51 @@ pub struct Txn<'a> {
 
 impl<'a> Txn<'a> {
     pub fn new(db: &'a DB, group: u32) -> Self {
-        Txn { db, group, batch: WriteBatch::default(), pending: HashMap::new(), new_funding: false }
+        Txn { db, group, pending: HashMap::new(), new_funding: false }
     }
 
     fn cf(&self) -> &'a rocksdb::ColumnFamily {
         self.db.cf_handle(keys::CF_SM).expect("cf sm")
     }
 
-    fn get<T: DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
-        if let Some(value) = self.pending.get(key) {
-            return value.as_deref().map(codec::decode).transpose();
-        }
+    fn read<T: DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
         match self.db.get_cf(self.cf(), key).map_err(io::Error::other)? {
             Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
             None => Ok(None),
         }
     }
 
+    /// Any value but a packet (those go through [`Txn::packet`]).
+    fn get<T: DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
+        match self.pending.get(key) {
+            Some(Staged::Encoded(bytes)) => Ok(Some(codec::decode(bytes)?)),
+            Some(Staged::Deleted) => Ok(None),
+            Some(Staged::Packet(_)) => Err(io::Error::new(io::ErrorKind::InvalidData, "a packet key read as another type")),
+            None => self.read(key),
+        }
+    }
+
     fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) -> io::Result<()> {
-        let bytes = codec::encode(value)?;
-        self.batch.put_cf(self.cf(), &key, &bytes);
-        self.pending.insert(key, Some(bytes));
+        self.pending.insert(key, Staged::Encoded(codec::encode(value)?));
         Ok(())
     }
 
     fn delete(&mut self, key: Vec<u8>) {
-        self.batch.delete_cf(self.cf(), &key);
-        self.pending.insert(key, None);
+        self.pending.insert(key, Staged::Deleted);
+    }
+
+    fn packet(&self, id: &PacketId) -> io::Result<Option<Packet>> {
+        let key = keys::packet(self.group, id);
+        match self.pending.get(&key) {
+            Some(Staged::Packet(packet)) => Ok(Some(packet.clone())),
+            Some(Staged::Encoded(bytes)) => Ok(Some(codec::decode(bytes)?)),
+            Some(Staged::Deleted) => Ok(None),
+            None => self.read(&key),
+        }
+    }
+
+    fn put_packet(&mut self, packet: Packet) {
+        self.pending.insert(keys::packet(self.group, packet.id()), Staged::Packet(packet));
     }
 
     /// Records a new transfer and marks it unsettled, for the leader to carry out.
@@ -87,9 +116,19 @@ impl<'a> Txn<'a> {
         self.new_funding
     }
 
-    /// Hands the collected writes to the caller, who adds the metadata and commits.
-    pub fn into_batch(self) -> WriteBatch {
-        self.batch
+    /// Hands the collected writes to the caller, who adds the metadata and commits. Keys are
+    /// distinct, so their order in the batch does not matter.
+    pub fn into_batch(self) -> io::Result<WriteBatch> {
+        let cf = self.cf();
+        let mut batch = WriteBatch::default();
+        for (key, staged) in self.pending {
+            match staged {
+                Staged::Packet(packet) => batch.put_cf(cf, &key, codec::encode(&packet)?),
+                Staged::Encoded(bytes) => batch.put_cf(cf, &key, &bytes),
+                Staged::Deleted => batch.delete_cf(cf, &key),
+            }
+        }
+        Ok(batch)
     }
 
     /// Applies one command. `Err` is a storage failure (the node must stop); a refused
@@ -151,17 +190,16 @@ impl<'a> Txn<'a> {
         let request_key = keys::request(g, &new.sender, &new.request_id);
         if let Some(existing_id) = self.get::<PacketId>(&request_key)? {
             // A retried create: answer with the packet the first attempt made.
-            let packet = self.get::<Packet>(&keys::packet(g, &existing_id))?.ok_or_else(|| {
+            let packet = self.packet(&existing_id)?.ok_or_else(|| {
                 io::Error::new(io::ErrorKind::InvalidData, format!("request index points to missing packet {existing_id}"))
             })?;
             return Ok(Reply::Created(packet));
         }
-        let packet_key = keys::packet(g, &new.packet_id);
-        if self.get::<Packet>(&packet_key)?.is_some() {
+        if self.packet(&new.packet_id)?.is_some() {
             return Ok(Reply::Refused(PacketError::DuplicateId(new.packet_id.to_string())));
         }
         let packet = Packet::new(new.clone());
-        self.put(packet_key, &packet)?;
+        self.put_packet(packet.clone());
         self.put(request_key, &new.packet_id)?;
         self.put(keys::expiry(g, new.expires_at, &new.packet_id), &())?;
         self.record_transfer(&Transfer::fund(new))?;
@@ -170,7 +208,7 @@ impl<'a> Txn<'a> {
 
     fn load(&self, packet_id: &PacketId, user: &str) -> io::Result<Result<(Packet, Option<Claim>), PacketError>> {
         let g = self.group;
-        let Some(packet) = self.get::<Packet>(&keys::packet(g, packet_id))? else {
+        let Some(packet) = self.packet(packet_id)? else {
             return Ok(Err(PacketError::NotFound(packet_id.to_string())));
         };
         let claim = self.get::<Claim>(&keys::claim(g, packet_id, user))?;
@@ -184,7 +222,7 @@ impl<'a> Txn<'a> {
         };
         let claim = match packet.grab(user, existing.as_ref(), at) {
             Ok(GrabOutcome::Took(claim)) => {
-                self.put(keys::packet(self.group, packet_id), &packet)?;
+                self.put_packet(packet.clone());
                 self.put(keys::claim(self.group, packet_id, user), &claim)?;
                 claim
             }
@@ -208,9 +246,9 @@ impl<'a> Txn<'a> {
         match packet.open(user, claim.as_ref(), at) {
             Ok(OpenOutcome::Opened(claim)) => {
                 let id = packet.id().clone();
-                self.put(keys::packet(self.group, &id), &packet)?;
                 self.put(keys::claim(self.group, &id, user), &claim)?;
                 self.record_transfer(&Transfer::pay(&packet.terms, claim.share_index, user, claim.amount))?;
+                self.put_packet(packet);
                 Ok(Reply::Opened { claim })
             }
             Ok(OpenOutcome::AlreadyOpen(claim)) => Ok(Reply::Opened { claim }),
@@ -241,10 +279,9 @@ impl<'a> Txn<'a> {
             self.put(key, &transfer)?;
             self.delete(keys::unsettled(g, &transfer.id));
             if transfer.kind == TransferKind::Fund {
-                let packet_key = keys::packet(g, &transfer.packet_id);
-                if let Some(mut packet) = self.get::<Packet>(&packet_key)? {
+                if let Some(mut packet) = self.packet(&transfer.packet_id)? {
                     packet.funding_settled(transfer.settlement == Settlement::Committed);
-                    self.put(packet_key, &packet)?;
+                    self.put_packet(packet);
                 }
             }
             count += 1;
@@ -256,14 +293,13 @@ impl<'a> Txn<'a> {
         let g = self.group;
         let mut count = 0;
         for id in packet_ids {
-            let key = keys::packet(g, id);
-            let Some(mut packet) = self.get::<Packet>(&key)? else { continue };
+            let Some(mut packet) = self.packet(id)? else { continue };
             let Some(refund) = packet.close(at) else { continue };
-            self.put(key, &packet)?;
             self.delete(keys::expiry(g, packet.terms.expires_at, id));
             if refund > 0 {
                 self.record_transfer(&Transfer::refund(&packet.terms, refund))?;
             }
+            self.put_packet(packet);
             count += 1;
         }
         Ok(Reply::Closed { count })

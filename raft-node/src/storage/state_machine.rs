@@ -211,7 +211,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             }
         }
         let wake = txn.recorded_funding();
-        let mut batch: WriteBatch = txn.into_batch();
+        let mut batch: WriteBatch = txn.into_batch()?;
         let cf_meta = db.cf_handle(keys::CF_SM_META).expect("cf sm_meta");
         batch.put_cf(cf_meta, keys::group_prefix(self.group), codec::encode(&state)?);
         // Not synced: the log entries are already durable, and RocksDB's single WAL recovers
