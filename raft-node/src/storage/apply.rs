@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 
 use super::codec;
 use super::keys;
+use super::view::PacketViews;
 use crate::packet::Claim;
 use crate::packet::GrabOutcome;
 use crate::packet::NewPacket;
@@ -46,6 +47,7 @@ enum Staged {
 /// Pending writes of one apply batch over the committed state of one group.
 pub struct Txn<'a> {
     db: &'a DB,
+    views: &'a PacketViews,
     group: u32,
     /// Values written by earlier entries of this batch; the last write of a key wins.
     pending: HashMap<Vec<u8>, Staged>,
@@ -55,8 +57,8 @@ pub struct Txn<'a> {
 }
 
 impl<'a> Txn<'a> {
-    pub fn new(db: &'a DB, group: u32) -> Self {
-        Txn { db, group, pending: HashMap::new(), new_funding: false }
+    pub fn new(db: &'a DB, group: u32, views: &'a PacketViews) -> Self {
+        Txn { db, views, group, pending: HashMap::new(), new_funding: false }
     }
 
     fn cf(&self) -> &'a rocksdb::ColumnFamily {
@@ -89,14 +91,24 @@ impl<'a> Txn<'a> {
         self.pending.insert(key, Staged::Deleted);
     }
 
+    /// The packet as this batch left it, else as applied (from the in-memory view, which a
+    /// read from RocksDB fills: apply is the group's only writer, so what it reads is current).
     fn packet(&self, id: &PacketId) -> io::Result<Option<Packet>> {
         let key = keys::packet(self.group, id);
         match self.pending.get(&key) {
-            Some(Staged::Packet(packet)) => Ok(Some(packet.clone())),
-            Some(Staged::Encoded(bytes)) => Ok(Some(codec::decode(bytes)?)),
-            Some(Staged::Deleted) => Ok(None),
-            None => self.read(&key),
+            Some(Staged::Packet(packet)) => return Ok(Some(packet.clone())),
+            Some(Staged::Encoded(bytes)) => return Ok(Some(codec::decode(bytes)?)),
+            Some(Staged::Deleted) => return Ok(None),
+            None => {}
         }
+        if let Some(packet) = self.views.get(self.group, id) {
+            return Ok(Some(Packet::clone(&packet)));
+        }
+        let packet: Option<Packet> = self.read(&key)?;
+        if let Some(p) = &packet {
+            self.views.applied(self.group, [p.clone()]);
+        }
+        Ok(packet)
     }
 
     fn put_packet(&mut self, packet: Packet) {
@@ -116,19 +128,24 @@ impl<'a> Txn<'a> {
         self.new_funding
     }
 
-    /// Hands the collected writes to the caller, who adds the metadata and commits. Keys are
-    /// distinct, so their order in the batch does not matter.
-    pub fn into_batch(self) -> io::Result<WriteBatch> {
+    /// Hands the collected writes to the caller, who adds the metadata and commits, then
+    /// gives the packets written to the in-memory view. Keys are distinct, so their order in
+    /// the batch does not matter.
+    pub fn into_batch(self) -> io::Result<(WriteBatch, Vec<Packet>)> {
         let cf = self.cf();
         let mut batch = WriteBatch::default();
+        let mut packets = Vec::new();
         for (key, staged) in self.pending {
             match staged {
-                Staged::Packet(packet) => batch.put_cf(cf, &key, codec::encode(&packet)?),
+                Staged::Packet(packet) => {
+                    batch.put_cf(cf, &key, codec::encode(&packet)?);
+                    packets.push(packet);
+                }
                 Staged::Encoded(bytes) => batch.put_cf(cf, &key, &bytes),
                 Staged::Deleted => batch.delete_cf(cf, &key),
             }
         }
-        Ok(batch)
+        Ok((batch, packets))
     }
 
     /// Applies one command. `Err` is a storage failure (the node must stop); a refused

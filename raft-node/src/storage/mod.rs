@@ -6,6 +6,7 @@ pub mod codec;
 pub mod keys;
 pub mod log_store;
 pub mod state_machine;
+pub mod view;
 pub mod wal_sync;
 
 use std::io;
@@ -21,6 +22,7 @@ use rocksdb::ReadOptions;
 pub use self::log_store::GroupLogStore;
 pub use self::state_machine::AppliedState;
 pub use self::state_machine::GroupStateMachine;
+use self::view::PacketViews;
 use self::wal_sync::WalSyncer;
 use crate::packet::Claim;
 use crate::packet::Packet;
@@ -49,6 +51,8 @@ pub struct Store {
     snapshot_dir: PathBuf,
     /// Signalled when an apply records a funding transfer, so the settler acts at once.
     settle_wake: Arc<tokio::sync::Notify>,
+    /// The applied packets of every group, in memory.
+    views: Arc<PacketViews>,
 }
 
 impl Store {
@@ -78,7 +82,8 @@ impl Store {
         let db = DB::open_cf_descriptors(&opts, &db_path, cfs)
             .map_err(|source| StoreError::Open { path: db_path.clone(), source })?;
         let db = Arc::new(db);
-        let store = Store { wal: WalSyncer::start(&db), db, snapshot_dir, settle_wake: Arc::default() };
+        let views = Arc::new(PacketViews::new(groups));
+        let store = Store { wal: WalSyncer::start(&db), db, snapshot_dir, settle_wake: Arc::default(), views };
         store.check_identity(&db_path, node_id, groups)?;
         Ok(store)
     }
@@ -112,7 +117,7 @@ impl Store {
     }
 
     pub fn state_machine(&self, group: u32) -> GroupStateMachine {
-        GroupStateMachine::new(self.db.clone(), group, self.snapshot_dir.clone(), self.settle_wake.clone())
+        GroupStateMachine::new(self.db.clone(), group, self.snapshot_dir.clone(), self.settle_wake.clone(), self.views.clone())
     }
 
     /// Woken when any group records a new funding transfer.
@@ -122,7 +127,7 @@ impl Store {
 
     /// Reads of one group's applied state.
     pub fn reader(&self, group: u32) -> StateReader<'_> {
-        StateReader { db: &self.db, group }
+        StateReader { db: &self.db, views: &self.views, group }
     }
 
     pub fn db(&self) -> &Arc<DB> {
@@ -133,11 +138,17 @@ impl Store {
 /// Read access to one group's applied packet state.
 pub struct StateReader<'a> {
     db: &'a DB,
+    views: &'a PacketViews,
     group: u32,
 }
 
 impl StateReader<'_> {
+    /// The packet as applied: from the in-memory view when it has it, else from RocksDB
+    /// (without filling the view: only the state machine does that).
     pub fn packet(&self, id: &PacketId) -> io::Result<Option<Packet>> {
+        if let Some(packet) = self.views.get(self.group, id) {
+            return Ok(Some(Packet::clone(&packet)));
+        }
         let cf = self.db.cf_handle(keys::CF_SM).expect("cf sm");
         match self.db.get_cf(cf, keys::packet(self.group, id)).map_err(io::Error::other)? {
             Some(bytes) => Ok(Some(codec::decode(&bytes)?)),

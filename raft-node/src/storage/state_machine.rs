@@ -33,6 +33,7 @@ use serde::Serialize;
 use super::apply::Txn;
 use super::codec;
 use super::keys;
+use super::view::PacketViews;
 use crate::raft::Reply;
 use crate::raft::TypeConfig;
 
@@ -54,12 +55,16 @@ pub struct GroupStateMachine {
     group: u32,
     snapshot_path: PathBuf,
     settle_wake: Arc<tokio::sync::Notify>,
+    views: Arc<PacketViews>,
+    /// What the last apply committed, so the next one need not read and decode it again
+    /// (`None`: read it from RocksDB).
+    applied: Option<AppliedState>,
 }
 
 impl GroupStateMachine {
-    pub fn new(db: Arc<DB>, group: u32, snapshot_dir: PathBuf, settle_wake: Arc<tokio::sync::Notify>) -> Self {
+    pub fn new(db: Arc<DB>, group: u32, snapshot_dir: PathBuf, settle_wake: Arc<tokio::sync::Notify>, views: Arc<PacketViews>) -> Self {
         let snapshot_path = snapshot_dir.join(format!("group-{group:04}.snap"));
-        GroupStateMachine { db, group, snapshot_path, settle_wake }
+        GroupStateMachine { db, group, snapshot_path, settle_wake, views, applied: None }
     }
 
     pub fn group(&self) -> u32 {
@@ -186,8 +191,11 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
     where Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend {
         let db = self.db.clone();
-        let mut state = self.applied_state_now()?;
-        let mut txn = Txn::new(&db, self.group);
+        let mut state = match self.applied.take() {
+            Some(state) => state,
+            None => self.applied_state_now()?,
+        };
+        let mut txn = Txn::new(&db, self.group, &self.views);
         let mut replies = Vec::new();
         let mut applied = 0usize;
         while let Some((entry, responder)) = entries.try_next().await? {
@@ -211,12 +219,14 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             }
         }
         let wake = txn.recorded_funding();
-        let mut batch: WriteBatch = txn.into_batch()?;
+        let (mut batch, packets) = txn.into_batch()?;
         let cf_meta = db.cf_handle(keys::CF_SM_META).expect("cf sm_meta");
         batch.put_cf(cf_meta, keys::group_prefix(self.group), codec::encode(&state)?);
         // Not synced: the log entries are already durable, and RocksDB's single WAL recovers
         // a prefix, so a crash loses at most a suffix of applies that Raft will redo.
         db.write(batch).map_err(io::Error::other)?;
+        self.views.applied(self.group, packets);
+        self.applied = Some(state);
         if wake {
             self.settle_wake.notify_one();
         }
@@ -231,6 +241,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<TypeConfig>, snapshot: SnapshotData) -> Result<(), io::Error> {
+        self.applied = None;
         let this = self.clone();
         let meta = meta.clone();
         tokio::task::spawn_blocking(move || {
@@ -249,6 +260,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             let mut opts = rocksdb::WriteOptions::default();
             opts.set_sync(true);
             db.write_opt(batch, &opts).map_err(io::Error::other)?;
+            this.views.clear(this.group);
             this.write_snapshot_file(&meta, &snapshot)?;
             tracing::info!(group = this.group, bytes = snapshot.len(), last = ?meta.last_log_id, "installed snapshot");
             Ok(())
