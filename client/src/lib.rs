@@ -343,7 +343,12 @@ impl Client {
     /// is one of our endpoints.
     fn learn_leader(&self, packet: Option<&str>, metadata: &tonic::metadata::MetadataMap) {
         let Some(packet) = packet else { return };
-        let Some(leader) = metadata.get(redpacket_proto::LEADER_METADATA_KEY).and_then(|v| v.to_str().ok()) else { return };
+        if let Some(leader) = metadata.get(redpacket_proto::LEADER_METADATA_KEY).and_then(|v| v.to_str().ok()) {
+            self.learn_leader_at(packet, leader);
+        }
+    }
+
+    fn learn_leader_at(&self, packet: &str, leader: &str) {
         let Some(index) = self.endpoints.iter().position(|(addr, _)| addr == leader) else { return };
         let mut hints = self.leaders.lock().expect("hints");
         if hints.get(packet) != Some(&index) {
@@ -361,11 +366,21 @@ impl Client {
         if req.request_id.is_empty() {
             req.request_id = format!("{:032x}", rand::random::<u128>());
         }
-        let resp = self.retry(|ch| {
+        // The answer names the leader of the new packet's group: the packet's first grabs
+        // (often a whole group racing at once) then go straight there.
+        let (resp, leader) = self.retry(|ch| {
             let req = req.clone();
-            async move { RedPacketClient::new(ch).create_packet(req).await }
+            async move {
+                let resp = RedPacketClient::new(ch).create_packet(req).await?;
+                let leader = resp.metadata().get(redpacket_proto::LEADER_METADATA_KEY).and_then(|v| v.to_str().ok()).map(String::from);
+                Ok(tonic::Response::new((resp.into_inner(), leader)))
+            }
         }).await?;
-        resp.packet.ok_or_else(|| Error::Status(Status::internal("create returned no packet")))
+        let packet = resp.packet.ok_or_else(|| Error::Status(Status::internal("create returned no packet")))?;
+        if let Some(leader) = leader {
+            self.learn_leader_at(&packet.packet_id, &leader);
+        }
+        Ok(packet)
     }
 
     /// Takes a share for `user`. Repeating it returns the same share.

@@ -281,7 +281,12 @@ impl PacketService {
         };
         match self.propose(group, forwarded, make).await? {
             Ok(Reply::Created(packet)) => {
-                Ok(Response::new(pb::CreatePacketResponse { packet: Some(self.await_funding(group, packet).await?) }))
+                let mut resp = Response::new(pb::CreatePacketResponse { packet: Some(self.await_funding(group, packet).await?) });
+                // This node leads the new packet's group: say so, so its grabs come straight here.
+                if let Ok(v) = self.ctx.addr.parse() {
+                    resp.metadata_mut().insert(LEADER_METADATA_KEY, v);
+                }
+                Ok(resp)
             }
             Ok(Reply::Refused(e)) => Err(status::refused(&e)),
             Ok(other) => Err(status::internal(format!("unexpected reply to create: {other:?}"))),
