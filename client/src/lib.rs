@@ -9,6 +9,10 @@
 //! Every call is idempotent (creates carry a request id, a repeated grab or open returns the
 //! first outcome), so retrying never takes a second share or creates a second packet.
 //!
+//! Grabs and opens made at the same time (say, by the many users a gateway serves) travel
+//! together: concurrent calls to one node share one `RedPacket/Batch` request (see
+//! `gather.rs`), and each still gets its own answer, exactly as from the single call.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), redpacket_client::Error> {
 //! use redpacket_client::{Client, NewPacket, Recipients};

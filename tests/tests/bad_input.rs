@@ -99,6 +99,26 @@ async fn rejected_requests_name_the_field_and_change_nothing() {
     assert_refused(rpc.grab(grab(&id, "")).await, Code::InvalidArgument, "user");
     assert_refused(rpc.grab(grab("not-an-id", "bob")).await, Code::InvalidArgument, "packet_id");
     assert_refused(rpc.grab_and_open(grab("", "bob")).await, Code::InvalidArgument, "packet_id");
+    // A batch answers each item as its single call would, and refuses an oversized request whole.
+    let item = |operation: pb::Operation, packet_id: &str, user: &str| pb::BatchItem {
+        operation: operation as i32,
+        packet_id: packet_id.into(),
+        user: user.into(),
+    };
+    let bad_items = vec![
+        item(pb::Operation::Grab, &id, ""),
+        item(pb::Operation::GrabAndOpen, "not-an-id", "bob"),
+        pb::BatchItem { operation: 9, ..item(pb::Operation::Open, &id, "bob") },
+    ];
+    let results = rpc.batch(pb::BatchRequest { items: bad_items }).await.unwrap().into_inner().results;
+    assert_eq!(results.len(), 3, "one result per item");
+    for (result, field) in results.iter().zip(["user", "packet_id", "items[2].operation"]) {
+        assert_eq!(result.code, Code::InvalidArgument as i32, "{result:?}");
+        assert!(result.message.starts_with(field), "{result:?} must name {field}");
+        assert_eq!(result.reason, "INVALID_INPUT", "{result:?}");
+    }
+    let too_many = vec![item(pb::Operation::Grab, &id, "bob"); redpacket_proto::MAX_BATCH_ITEMS + 1];
+    assert_refused(rpc.batch(pb::BatchRequest { items: too_many }).await, Code::InvalidArgument, "items");
     assert_refused(
         rpc.get_packet(pb::GetPacketRequest { packet_id: id.clone(), consistency: 7 }).await,
         Code::InvalidArgument,
