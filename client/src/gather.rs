@@ -35,6 +35,10 @@ use crate::AuthChannel;
 /// travel while the node still answers the previous one; a few suffice, since the node
 /// batches again into its log.
 pub const MAX_IN_FLIGHT: usize = 4;
+/// Deadline of one batch request, so a node that stops answering (but keeps its connection)
+/// cannot hold the endpoint's in-flight slots forever. Each caller's own attempt deadline
+/// (the retry policy's) still applies; this one frees the slot.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// An item's answer: the single call's response or status.
 pub type Answer = Result<tonic::Response<pb::BatchResult>, Status>;
@@ -73,7 +77,7 @@ impl Gatherer {
 }
 
 async fn send_alone(channel: AuthChannel, item: pb::BatchItem) -> Answer {
-    let resp = RedPacketClient::new(channel).batch(pb::BatchRequest { items: vec![item] }).await?;
+    let resp = RedPacketClient::new(channel).batch(request(vec![item])).await?;
     match resp.into_inner().results.pop() {
         Some(result) => answer_of(result),
         None => Err(Status::internal("batch answer without a result")),
@@ -109,7 +113,7 @@ async fn run(channel: AuthChannel, mut queue: mpsc::Receiver<Queued>) {
 /// Sends one batch request and hands every caller its answer.
 async fn send(channel: AuthChannel, batch: Vec<Queued>) {
     let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|q| (q.item, q.reply)).unzip();
-    match RedPacketClient::new(channel).batch(pb::BatchRequest { items }).await {
+    match RedPacketClient::new(channel).batch(request(items)).await {
         Ok(resp) => {
             let results = resp.into_inner().results;
             if results.len() != replies.len() {
@@ -131,6 +135,12 @@ async fn send(channel: AuthChannel, batch: Vec<Queued>) {
             }
         }
     }
+}
+
+fn request(items: Vec<pb::BatchItem>) -> tonic::Request<pb::BatchRequest> {
+    let mut request = tonic::Request::new(pb::BatchRequest { items });
+    request.set_timeout(REQUEST_TIMEOUT);
+    request
 }
 
 /// An item's result as the single call's response or status, with the same metadata.
