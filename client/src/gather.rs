@@ -163,3 +163,34 @@ fn answer_of(result: pb::BatchResult) -> Answer {
     }
     Err(Status::with_metadata(Code::from_i32(result.code), result.message, metadata))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+
+    #[test]
+    fn an_item_result_becomes_the_single_calls_response_or_status() {
+        let ok = pb::BatchResult { code: 0, leader: "127.0.0.1:7002".into(), share_index: 3, amount_cents: 42, ..Default::default() };
+        let resp = answer_of(ok).expect("code 0 is a response");
+        assert_eq!(resp.metadata().get(LEADER_METADATA_KEY).unwrap(), "127.0.0.1:7002");
+        assert_eq!((resp.get_ref().share_index, resp.get_ref().amount_cents), (3, 42));
+
+        let sold_out = pb::BatchResult {
+            code: Code::FailedPrecondition as i32,
+            message: "packet p: sold out".into(),
+            reason: "SOLD_OUT".into(),
+            ..Default::default()
+        };
+        let status = answer_of(sold_out).expect_err("a refusal is a status");
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(status.message(), "packet p: sold out");
+        assert!(status.metadata().get(LEADER_METADATA_KEY).is_none(), "no leader named, none invented");
+        assert!(matches!(Error::from_status(status), Error::SoldOut(m) if m == "packet p: sold out"));
+
+        let invalid = pb::BatchResult { code: Code::InvalidArgument as i32, message: "user: empty".into(), reason: "INVALID_INPUT".into(), ..Default::default() };
+        assert!(matches!(Error::from_status(answer_of(invalid).unwrap_err()), Error::InvalidArgument(m) if m.starts_with("user")));
+        let moved = pb::BatchResult { code: Code::Unavailable as i32, message: "leadership changed; retry".into(), ..Default::default() };
+        assert!(crate::is_retryable(&answer_of(moved).unwrap_err()), "an unavailable item is retried like a single call");
+    }
+}
