@@ -236,7 +236,6 @@ impl Ledger {
         Ok(acc)
     }
 
-    /// Holds `amount` on `from` for a transfer to `to`.
     /// Many prepares, each exactly [`Ledger::prepare`], with one sync for all of them.
     pub fn prepare_many(&self, items: &[(&str, &str, &str, Cents)]) -> Result<Vec<Result<Transfer>>> {
         let results = items.iter().map(|(id, from, to, amount)| self.prepare_unsynced(id, from, to, *amount)).collect();
@@ -249,6 +248,7 @@ impl Ledger {
         self.durable(Ok(results))
     }
 
+    /// Holds `amount` on `from` for a transfer to `to`.
     pub fn prepare(&self, id: &str, from: &str, to: &str, amount: Cents) -> Result<Transfer> {
         self.durable(self.prepare_unsynced(id, from, to, amount))
     }

@@ -53,13 +53,12 @@ impl Packet {
         if let Some(claim) = existing {
             return Ok(GrabOutcome::AlreadyHeld(claim.clone()));
         }
-        let id = self.id().to_string();
         self.check_open(now)?;
         if !self.terms.recipients.admits(user) {
-            return Err(PacketError::NotARecipient { packet_id: id, user: user.to_string() });
+            return Err(PacketError::NotARecipient { packet_id: self.id().to_string(), user: user.to_string() });
         }
         if self.grabbed == self.terms.shares {
-            return Err(PacketError::SoldOut(id));
+            return Err(PacketError::SoldOut(self.id().to_string()));
         }
         let index = self.grabbed;
         let amount = amount::draw(&self.terms.seed, self.terms.kind, index, self.undrawn);
@@ -76,9 +75,8 @@ impl Packet {
 
     /// Opens the share held in `claim` at time `now`.
     pub fn open(&mut self, user: &str, claim: Option<&Claim>, now: Millis) -> Result<OpenOutcome, PacketError> {
-        let id = self.id().to_string();
         let Some(claim) = claim else {
-            return Err(PacketError::NotGrabbed { packet_id: id, user: user.to_string() });
+            return Err(PacketError::NotGrabbed { packet_id: self.id().to_string(), user: user.to_string() });
         };
         if claim.opened_at.is_some() {
             return Ok(OpenOutcome::AlreadyOpen(claim.clone()));
@@ -99,12 +97,11 @@ impl Packet {
     /// Grabs and opens are accepted only while the packet is funded and not expired. Once
     /// closed it stays closed, whatever time a later entry carries.
     fn check_open(&self, now: Millis) -> Result<(), PacketError> {
-        let id = self.id().to_string();
         match self.stage {
             Stage::Open if !self.is_expired(now) => Ok(()),
-            Stage::Open | Stage::Closed => Err(PacketError::Expired(id)),
-            Stage::Funding => Err(PacketError::NotFunded { packet_id: id, reason: "funding is still in progress".into() }),
-            Stage::FundingFailed => Err(PacketError::NotFunded { packet_id: id, reason: "funding failed".into() }),
+            Stage::Open | Stage::Closed => Err(PacketError::Expired(self.id().to_string())),
+            Stage::Funding => Err(PacketError::NotFunded { packet_id: self.id().to_string(), reason: "funding is still in progress".into() }),
+            Stage::FundingFailed => Err(PacketError::NotFunded { packet_id: self.id().to_string(), reason: "funding failed".into() }),
         }
     }
 
@@ -114,22 +111,21 @@ impl Packet {
     /// only the log can decide. This is the leader's fast path (seed 002: "cache resists
     /// invalid requests"); it never answers what a later entry could change.
     pub fn settled_grab_answer(&self, user: &str, existing: Option<&Claim>, open: bool) -> Option<Result<Claim, PacketError>> {
-        let id = self.id().to_string();
         if let Some(claim) = existing {
             return (!open || claim.opened_at.is_some()).then(|| Ok(claim.clone()));
         }
         match self.stage {
-            Stage::Closed => return Some(Err(PacketError::Expired(id))),
+            Stage::Closed => return Some(Err(PacketError::Expired(self.id().to_string()))),
             Stage::FundingFailed => {
-                return Some(Err(PacketError::NotFunded { packet_id: id, reason: "funding failed".into() }));
+                return Some(Err(PacketError::NotFunded { packet_id: self.id().to_string(), reason: "funding failed".into() }));
             }
             Stage::Funding | Stage::Open => {}
         }
         if !self.terms.recipients.admits(user) {
-            return Some(Err(PacketError::NotARecipient { packet_id: id, user: user.to_string() }));
+            return Some(Err(PacketError::NotARecipient { packet_id: self.id().to_string(), user: user.to_string() }));
         }
         if self.grabbed == self.terms.shares {
-            return Some(Err(PacketError::SoldOut(id)));
+            return Some(Err(PacketError::SoldOut(self.id().to_string())));
         }
         None
     }

@@ -199,8 +199,8 @@ impl PacketService {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.ctx.payment.fund_timeout_ms);
         loop {
             let reader = self.ctx.store.reader(group);
-            let current = reader.packet(&id).map_err(status::internal)?.unwrap_or_else(|| packet.clone());
-            match current.stage {
+            let stage = reader.packet(&id).map_err(status::internal)?.map_or(packet.stage, |current| current.stage);
+            match stage {
                 Stage::Open | Stage::Closed => return self.read_packet(group, &id),
                 Stage::FundingFailed => {
                     let reason = match reader.transfer(&fund_id(&id)).map_err(status::internal)? {

@@ -6,11 +6,12 @@
 //! [`crate::packet`]; this module only loads, calls and stores.
 //!
 //! A hot packet is changed by every grab of a batch, so the overlay keeps packets decoded
-//! and writes each one once, when the batch is committed: not a JSON decode, an encode and
-//! a memtable insert per grab.
+//! and changes them in place: one copy out of the in-memory view per batch, and one encode
+//! and write at commit, not a decode, a copy, an encode and a memtable insert per grab.
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::Arc;
 
 use rocksdb::DB;
 use rocksdb::WriteBatch;
@@ -36,12 +37,11 @@ use crate::raft::PacketOp;
 use crate::raft::Reply;
 use crate::raft::SettledTransfer;
 
-/// A value written by an earlier entry of the batch, not yet in RocksDB.
-enum Staged {
-    /// A packet record, kept decoded (encoded once, in [`Txn::into_batch`]).
-    Packet(Packet),
-    Encoded(Vec<u8>),
-    Deleted,
+/// A packet as this batch has it, decoded.
+struct StagedPacket {
+    packet: Arc<Packet>,
+    /// Whether the batch changed it (only then is it written at commit).
+    changed: bool,
 }
 
 /// Pending writes of one apply batch over the committed state of one group.
@@ -49,8 +49,11 @@ pub struct Txn<'a> {
     db: &'a DB,
     views: &'a PacketViews,
     group: u32,
-    /// Values written by earlier entries of this batch; the last write of a key wins.
-    pending: HashMap<Vec<u8>, Staged>,
+    /// Values other than packets written by earlier entries of this batch (`None`:
+    /// deleted); the last write of a key wins.
+    pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Packets this batch has read or changed.
+    packets: HashMap<PacketId, StagedPacket>,
     /// Whether this batch recorded a funding transfer: a create waits for it, so the
     /// leader's settler is woken at once (payments and refunds wait for its next pass).
     new_funding: bool,
@@ -58,7 +61,7 @@ pub struct Txn<'a> {
 
 impl<'a> Txn<'a> {
     pub fn new(db: &'a DB, group: u32, views: &'a PacketViews) -> Self {
-        Txn { db, views, group, pending: HashMap::new(), new_funding: false }
+        Txn { db, views, group, pending: HashMap::new(), packets: HashMap::new(), new_funding: false }
     }
 
     fn cf(&self) -> &'a rocksdb::ColumnFamily {
@@ -72,47 +75,52 @@ impl<'a> Txn<'a> {
         }
     }
 
-    /// Any value but a packet (those go through [`Txn::packet`]).
+    /// Any value but a packet (those go through [`Txn::stage_packet`]).
     fn get<T: DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
         match self.pending.get(key) {
-            Some(Staged::Encoded(bytes)) => Ok(Some(codec::decode(bytes)?)),
-            Some(Staged::Deleted) => Ok(None),
-            Some(Staged::Packet(_)) => Err(io::Error::new(io::ErrorKind::InvalidData, "a packet key read as another type")),
+            Some(value) => value.as_deref().map(codec::decode).transpose(),
             None => self.read(key),
         }
     }
 
     fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) -> io::Result<()> {
-        self.pending.insert(key, Staged::Encoded(codec::encode(value)?));
+        self.pending.insert(key, Some(codec::encode(value)?));
         Ok(())
     }
 
     fn delete(&mut self, key: Vec<u8>) {
-        self.pending.insert(key, Staged::Deleted);
+        self.pending.insert(key, None);
     }
 
-    /// The packet as this batch left it, else as applied (from the in-memory view, which a
-    /// read from RocksDB fills: apply is the group's only writer, so what it reads is current).
-    fn packet(&self, id: &PacketId) -> io::Result<Option<Packet>> {
-        let key = keys::packet(self.group, id);
-        match self.pending.get(&key) {
-            Some(Staged::Packet(packet)) => return Ok(Some(packet.clone())),
-            Some(Staged::Encoded(bytes)) => return Ok(Some(codec::decode(bytes)?)),
-            Some(Staged::Deleted) => return Ok(None),
-            None => {}
+    /// The packet as this batch has it, staged on first use: from the in-memory view, else
+    /// from RocksDB, which also fills the view (apply is the group's only writer, so what it
+    /// reads is current). `None` when there is no such packet.
+    fn stage_packet(&mut self, id: &PacketId) -> io::Result<Option<&mut StagedPacket>> {
+        if !self.packets.contains_key(id) {
+            let packet = match self.views.get(self.group, id) {
+                Some(packet) => packet,
+                None => match self.read::<Packet>(&keys::packet(self.group, id))? {
+                    Some(packet) => {
+                        let packet = Arc::new(packet);
+                        self.views.applied(self.group, [packet.clone()]);
+                        packet
+                    }
+                    None => return Ok(None),
+                },
+            };
+            self.packets.insert(id.clone(), StagedPacket { packet, changed: false });
         }
-        if let Some(packet) = self.views.get(self.group, id) {
-            return Ok(Some(Packet::clone(&packet)));
-        }
-        let packet: Option<Packet> = self.read(&key)?;
-        if let Some(p) = &packet {
-            self.views.applied(self.group, [p.clone()]);
-        }
-        Ok(packet)
+        Ok(self.packets.get_mut(id))
     }
 
-    fn put_packet(&mut self, packet: Packet) {
-        self.pending.insert(keys::packet(self.group, packet.id()), Staged::Packet(packet));
+    /// Runs `change` on the packet in place; it returns its result and whether it changed the
+    /// packet. Only the first change of a batch copies the packet (out of the view). `None`
+    /// when there is no such packet.
+    fn change_packet<R>(&mut self, id: &PacketId, change: impl FnOnce(&mut Packet) -> (R, bool)) -> io::Result<Option<R>> {
+        let Some(staged) = self.stage_packet(id)? else { return Ok(None) };
+        let (result, changed) = change(Arc::make_mut(&mut staged.packet));
+        staged.changed |= changed;
+        Ok(Some(result))
     }
 
     /// Records a new transfer and marks it unsettled, for the leader to carry out.
@@ -131,18 +139,20 @@ impl<'a> Txn<'a> {
     /// Hands the collected writes to the caller, who adds the metadata and commits, then
     /// gives the packets written to the in-memory view. Keys are distinct, so their order in
     /// the batch does not matter.
-    pub fn into_batch(self) -> io::Result<(WriteBatch, Vec<Packet>)> {
+    pub fn into_batch(self) -> io::Result<(WriteBatch, Vec<Arc<Packet>>)> {
         let cf = self.cf();
         let mut batch = WriteBatch::default();
+        for (key, value) in self.pending {
+            match value {
+                Some(bytes) => batch.put_cf(cf, &key, &bytes),
+                None => batch.delete_cf(cf, &key),
+            }
+        }
         let mut packets = Vec::new();
-        for (key, staged) in self.pending {
-            match staged {
-                Staged::Packet(packet) => {
-                    batch.put_cf(cf, &key, codec::encode(&packet)?);
-                    packets.push(packet);
-                }
-                Staged::Encoded(bytes) => batch.put_cf(cf, &key, &bytes),
-                Staged::Deleted => batch.delete_cf(cf, &key),
+        for (id, staged) in self.packets {
+            if staged.changed {
+                batch.put_cf(cf, keys::packet(self.group, &id), codec::encode(&*staged.packet)?);
+                packets.push(staged.packet);
             }
         }
         Ok((batch, packets))
@@ -207,39 +217,44 @@ impl<'a> Txn<'a> {
         let request_key = keys::request(g, &new.sender, &new.request_id);
         if let Some(existing_id) = self.get::<PacketId>(&request_key)? {
             // A retried create: answer with the packet the first attempt made.
-            let packet = self.packet(&existing_id)?.ok_or_else(|| {
+            let packet = self.stage_packet(&existing_id)?.ok_or_else(|| {
                 io::Error::new(io::ErrorKind::InvalidData, format!("request index points to missing packet {existing_id}"))
             })?;
-            return Ok(Reply::Created(packet));
+            return Ok(Reply::Created(Packet::clone(&packet.packet)));
         }
-        if self.packet(&new.packet_id)?.is_some() {
+        if self.stage_packet(&new.packet_id)?.is_some() {
             return Ok(Reply::Refused(PacketError::DuplicateId(new.packet_id.to_string())));
         }
         let packet = Packet::new(new.clone());
-        self.put_packet(packet.clone());
+        self.packets.insert(new.packet_id.clone(), StagedPacket { packet: Arc::new(packet.clone()), changed: true });
         self.put(request_key, &new.packet_id)?;
         self.put(keys::expiry(g, new.expires_at, &new.packet_id), &())?;
         self.record_transfer(&Transfer::fund(new))?;
         Ok(Reply::Created(packet))
     }
 
-    fn load(&self, packet_id: &PacketId, user: &str) -> io::Result<Result<(Packet, Option<Claim>), PacketError>> {
-        let g = self.group;
-        let Some(packet) = self.packet(packet_id)? else {
-            return Ok(Err(PacketError::NotFound(packet_id.to_string())));
-        };
-        let claim = self.get::<Claim>(&keys::claim(g, packet_id, user))?;
-        Ok(Ok((packet, claim)))
+    /// The user's claim on the packet, once the packet is staged; the refusal when there is
+    /// no such packet.
+    fn load_claim(&mut self, packet_id: &PacketId, user: &str) -> io::Result<Result<Option<Claim>, PacketError>> {
+        if self.stage_packet(packet_id)?.is_none() {
+            return Ok(Err(not_found(packet_id)));
+        }
+        Ok(Ok(self.get::<Claim>(&keys::claim(self.group, packet_id, user))?))
     }
 
     fn grab(&mut self, packet_id: &PacketId, user: &str, at: u64, open: bool) -> io::Result<Reply> {
-        let (mut packet, existing) = match self.load(packet_id, user)? {
-            Ok(found) => found,
+        let existing = match self.load_claim(packet_id, user)? {
+            Ok(existing) => existing,
             Err(refusal) => return Ok(Reply::Refused(refusal)),
         };
-        let claim = match packet.grab(user, existing.as_ref(), at) {
+        let grabbed = self.change_packet(packet_id, |packet| {
+            let outcome = packet.grab(user, existing.as_ref(), at);
+            let took = matches!(outcome, Ok(GrabOutcome::Took(_)));
+            ((outcome, packet.shares_left()), took)
+        })?;
+        let Some((outcome, shares_left)) = grabbed else { return Ok(Reply::Refused(not_found(packet_id))) };
+        let claim = match outcome {
             Ok(GrabOutcome::Took(claim)) => {
-                self.put_packet(packet.clone());
                 self.put(keys::claim(self.group, packet_id, user), &claim)?;
                 claim
             }
@@ -247,29 +262,41 @@ impl<'a> Txn<'a> {
             Err(refusal) => return Ok(Reply::Refused(refusal)),
         };
         if open {
-            return self.open_claim(packet, user, Some(claim), at);
+            return self.open_claim(packet_id, user, Some(claim), at);
         }
-        Ok(Reply::Grabbed { claim, shares_left: packet.shares_left() })
+        Ok(Reply::Grabbed { claim, shares_left })
     }
 
     fn open(&mut self, packet_id: &PacketId, user: &str, at: u64) -> io::Result<Reply> {
-        match self.load(packet_id, user)? {
-            Ok((packet, claim)) => self.open_claim(packet, user, claim, at),
+        match self.load_claim(packet_id, user)? {
+            Ok(claim) => self.open_claim(packet_id, user, claim, at),
             Err(refusal) => Ok(Reply::Refused(refusal)),
         }
     }
 
-    fn open_claim(&mut self, mut packet: Packet, user: &str, claim: Option<Claim>, at: u64) -> io::Result<Reply> {
-        match packet.open(user, claim.as_ref(), at) {
-            Ok(OpenOutcome::Opened(claim)) => {
-                let id = packet.id().clone();
-                self.put(keys::claim(self.group, &id, user), &claim)?;
-                self.record_transfer(&Transfer::pay(&packet.terms, claim.share_index, user, claim.amount))?;
-                self.put_packet(packet);
+    fn open_claim(&mut self, packet_id: &PacketId, user: &str, claim: Option<Claim>, at: u64) -> io::Result<Reply> {
+        // The opened claim, and the payment when this open is the first.
+        let opened = self.change_packet(packet_id, |packet| {
+            let outcome = match packet.open(user, claim.as_ref(), at) {
+                Ok(OpenOutcome::Opened(claim)) => {
+                    let pay = Transfer::pay(&packet.terms, claim.share_index, user, claim.amount);
+                    Ok((claim, Some(pay)))
+                }
+                Ok(OpenOutcome::AlreadyOpen(claim)) => Ok((claim, None)),
+                Err(refusal) => Err(refusal),
+            };
+            let changed = matches!(outcome, Ok((_, Some(_))));
+            (outcome, changed)
+        })?;
+        match opened {
+            None => Ok(Reply::Refused(not_found(packet_id))),
+            Some(Ok((claim, Some(pay)))) => {
+                self.put(keys::claim(self.group, packet_id, user), &claim)?;
+                self.record_transfer(&pay)?;
                 Ok(Reply::Opened { claim })
             }
-            Ok(OpenOutcome::AlreadyOpen(claim)) => Ok(Reply::Opened { claim }),
-            Err(refusal) => Ok(Reply::Refused(refusal)),
+            Some(Ok((claim, None))) => Ok(Reply::Opened { claim }),
+            Some(Err(refusal)) => Ok(Reply::Refused(refusal)),
         }
     }
 
@@ -296,10 +323,8 @@ impl<'a> Txn<'a> {
             self.put(key, &transfer)?;
             self.delete(keys::unsettled(g, &transfer.id));
             if transfer.kind == TransferKind::Fund {
-                if let Some(mut packet) = self.packet(&transfer.packet_id)? {
-                    packet.funding_settled(transfer.settlement == Settlement::Committed);
-                    self.put_packet(packet);
-                }
+                let committed = transfer.settlement == Settlement::Committed;
+                self.change_packet(&transfer.packet_id, |packet| (packet.funding_settled(committed), true))?;
             }
             count += 1;
         }
@@ -310,15 +335,25 @@ impl<'a> Txn<'a> {
         let g = self.group;
         let mut count = 0;
         for id in packet_ids {
-            let Some(mut packet) = self.packet(id)? else { continue };
-            let Some(refund) = packet.close(at) else { continue };
-            self.delete(keys::expiry(g, packet.terms.expires_at, id));
-            if refund > 0 {
-                self.record_transfer(&Transfer::refund(&packet.terms, refund))?;
+            // The packet's expiry key, and the refund, when this closes it.
+            let closed = self.change_packet(id, |packet| match packet.close(at) {
+                Some(refund) => {
+                    let refund = (refund > 0).then(|| Transfer::refund(&packet.terms, refund));
+                    (Some((packet.terms.expires_at, refund)), true)
+                }
+                None => (None, false),
+            })?;
+            let Some(Some((expires_at, refund))) = closed else { continue };
+            self.delete(keys::expiry(g, expires_at, id));
+            if let Some(refund) = refund {
+                self.record_transfer(&refund)?;
             }
-            self.put_packet(packet);
             count += 1;
         }
         Ok(Reply::Closed { count })
     }
+}
+
+fn not_found(packet_id: &PacketId) -> PacketError {
+    PacketError::NotFound(packet_id.to_string())
 }

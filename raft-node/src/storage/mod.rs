@@ -143,17 +143,13 @@ pub struct StateReader<'a> {
 }
 
 impl StateReader<'_> {
-    /// The packet as applied: from the in-memory view when it has it, else from RocksDB
-    /// (without filling the view: only the state machine does that).
-    pub fn packet(&self, id: &PacketId) -> io::Result<Option<Packet>> {
+    /// The packet as applied: shared from the in-memory view when it has it, else read from
+    /// RocksDB (without filling the view: only the state machine does that).
+    pub fn packet(&self, id: &PacketId) -> io::Result<Option<Arc<Packet>>> {
         if let Some(packet) = self.views.get(self.group, id) {
-            return Ok(Some(Packet::clone(&packet)));
+            return Ok(Some(packet));
         }
-        let cf = self.db.cf_handle(keys::CF_SM).expect("cf sm");
-        match self.db.get_cf(cf, keys::packet(self.group, id)).map_err(io::Error::other)? {
-            Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
-            None => Ok(None),
-        }
+        Ok(self.get::<Packet>(&keys::packet(self.group, id))?.map(Arc::new))
     }
 
     pub fn claim(&self, id: &PacketId, user: &str) -> io::Result<Option<Claim>> {

@@ -49,13 +49,13 @@ impl PacketViews {
 
     /// Records packets as they now are in RocksDB. Only the group's state machine calls
     /// this, with values it has committed or read while no apply could run.
-    pub fn applied(&self, group: u32, packets: impl IntoIterator<Item = Packet>) {
+    pub fn applied(&self, group: u32, packets: impl IntoIterator<Item = Arc<Packet>>) {
         let Some(mut view) = self.group(group) else { return };
         for packet in packets {
             if view.len() >= MAX_PACKETS && !view.contains_key(packet.id()) {
                 view.clear();
             }
-            view.insert(packet.id().clone(), Arc::new(packet));
+            view.insert(packet.id().clone(), packet);
         }
     }
 
@@ -74,8 +74,8 @@ mod tests {
     use crate::packet::NewPacket;
     use crate::packet::Recipients;
 
-    fn packet(request: &str) -> Packet {
-        Packet::new(NewPacket {
+    fn packet(request: &str) -> Arc<Packet> {
+        Arc::new(Packet::new(NewPacket {
             packet_id: PacketId::derive("alice", request, 0),
             request_id: request.into(),
             sender: "alice".into(),
@@ -88,7 +88,7 @@ mod tests {
             expires_at: 1_000,
             seed: [7; 32],
             escrow: "escrow".into(),
-        })
+        }))
     }
 
     #[test]
@@ -97,7 +97,7 @@ mod tests {
         let mut p = packet("a");
         let id = p.id().clone();
         views.applied(0, [p.clone()]);
-        p.grabbed = 1;
+        Arc::make_mut(&mut p).grabbed = 1;
         views.applied(0, [p.clone()]);
         assert_eq!(views.get(0, &id).unwrap().grabbed, 1, "the newer value replaces the older");
         assert!(views.get(1, &id).is_none(), "groups are separate");
