@@ -77,7 +77,8 @@ def main(meta_path, results_path):
         w(f"| load average (1 min) before / after the runs | {meta['load_before']} / {meta.get('load_after', '?')} "
           "(anything above ~0 before means other work shared the 2 cores) |")
     w(f"| rustc | {meta['rustc']} |")
-    w(f"| redpacket | commit {meta['commit']} |")
+    groups = f", 3 nodes, {meta['groups']} Raft groups (`--groups`)" if meta.get("groups") else ""
+    w(f"| redpacket | commit {meta['commit']}{groups} |")
     if meta.get("postgres"):
         w(f"| PostgreSQL | {meta['postgres']} |")
     if meta.get("postgres_settings"):

@@ -12,9 +12,11 @@
 //! leaders racing on one transfer always record the same outcome. Payments and refunds come
 //! out of escrow, which the funding filled; they are retried until they commit.
 //!
-//! A round carries out up to [`BATCH`] pending transfers of a group with two ledger calls,
-//! `PrepareBatch` then `CommitBatch`; each item of a batch is exactly the single call, with
-//! its own outcome, so batching changes the number of round trips, not the semantics.
+//! A pass takes up to [`BATCH`] pending transfers of every group the node leads and carries
+//! them all out with two ledger calls, `PrepareBatch` then `CommitBatch` (per
+//! [`LEDGER_BATCH`] transfers); each item of a batch is exactly the single call, with its own
+//! outcome, so batching changes the number of round trips, not the semantics. Each group
+//! then records its own outcomes in one `Settle` entry.
 //!
 //! The same loop closes expired packets: it proposes `Expire` with the leader's clock, and
 //! the state machine records the refund.
@@ -39,6 +41,9 @@ use crate::storage::Store;
 
 /// Transfers carried out at once per group and round.
 const BATCH: usize = 256;
+/// Most transfers in one ledger call (a pass over many groups is split into calls of this
+/// size, well under gRPC's 4 MiB message limit).
+const LEDGER_BATCH: usize = 1024;
 /// Deadline of one ledger call.
 const LEDGER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -51,7 +56,7 @@ pub fn ledger_client(endpoint: &str) -> anyhow::Result<PaymentLedgerClient<Chann
 }
 
 /// Shortest time between two settlement passes. A pass scans each group's pending index and
-/// costs two ledger calls and a log entry per group with work; waiting a little lets a pass
+/// costs two ledger calls, and a log entry per group with work; waiting a little lets a pass
 /// carry many transfers instead of one.
 const MIN_PASS_GAP: Duration = Duration::from_millis(20);
 
@@ -77,45 +82,58 @@ pub async fn run(groups: Arc<Groups>, store: Store, ledger: PaymentLedgerClient<
         if expire {
             last_expiry = tokio::time::Instant::now();
         }
-        // Groups are settled side by side: a create waits for its funding, so a pass must not
-        // cost the sum of every group's ledger round trips.
-        let rounds = groups.all().filter(|(_, raft)| raft.is_leader()).map(|(group, raft)| {
-            let (store, ledger) = (&store, ledger.clone());
-            async move {
-                if let Err(e) = settle_group(group, raft, store, ledger).await {
-                    tracing::warn!(group, "settlement round: {e}");
-                }
-                if expire {
+        let led: Vec<(u32, &Raft)> = groups.all().filter(|(_, raft)| raft.is_leader()).collect();
+        if let Err(e) = settle_groups(&led, &store, ledger.clone()).await {
+            tracing::warn!("settlement pass: {e}");
+        }
+        if expire {
+            let rounds = led.iter().map(|&(group, raft)| {
+                let store = &store;
+                async move {
                     if let Err(e) = expire_group(group, raft, store).await {
                         tracing::warn!(group, "expiry round: {e}");
                     }
                 }
-            }
-        });
-        futures::future::join_all(rounds).await;
+            });
+            futures::future::join_all(rounds).await;
+        }
         tokio::time::sleep(MIN_PASS_GAP).await;
     }
 }
 
-async fn settle_group(group: u32, raft: &Raft, store: &Store, ledger: PaymentLedgerClient<Channel>) -> anyhow::Result<()> {
-    let pending = store.reader(group).unsettled(BATCH)?;
+/// One settlement pass over every group this node leads: the pending transfers of all of
+/// them go to the ledger together (one `PrepareBatch` and one `CommitBatch` per
+/// [`LEDGER_BATCH`] transfers, not two calls per group), then each group records its
+/// outcomes in its own `Settle` entry, side by side: a create waits for its funding, so a
+/// pass must not cost the sum of every group's round trips.
+async fn settle_groups(led: &[(u32, &Raft)], store: &Store, ledger: PaymentLedgerClient<Channel>) -> anyhow::Result<()> {
+    let mut pending: Vec<(u32, Transfer)> = Vec::new();
+    for &(group, _) in led {
+        pending.extend(store.reader(group).unsettled(BATCH)?.into_iter().map(|t| (group, t)));
+    }
     if pending.is_empty() {
         return Ok(());
     }
-    let outcomes = execute_all(ledger, &pending).await;
-    let settled: Vec<SettledTransfer> = pending
-        .iter()
-        .zip(outcomes)
-        .filter_map(|(t, outcome)| outcome.map(|outcome| SettledTransfer { transfer_id: t.id.clone(), outcome }))
-        .collect();
-    if settled.is_empty() {
-        return Ok(());
+    let mut outcomes = Vec::with_capacity(pending.len());
+    for chunk in pending.chunks(LEDGER_BATCH) {
+        let transfers: Vec<&Transfer> = chunk.iter().map(|(_, t)| t).collect();
+        outcomes.extend(execute_all(ledger.clone(), &transfers).await);
     }
     // Crash after the ledger moved the money but before the log knows: the next leader
     // must find the transfer pending, re-run it (a no-op at the ledger) and settle it.
     fail::fail_point!("settle-after-commit", |_| std::process::abort());
-    tracing::debug!(group, count = settled.len(), "settling transfers");
-    raft.client_write(Command::Settle(settled)).await?;
+    let mut settled: Vec<Vec<SettledTransfer>> = vec![Vec::new(); led.len()];
+    for ((group, t), outcome) in pending.into_iter().zip(outcomes) {
+        let (Some(outcome), Some(slot)) = (outcome, led.iter().position(|&(g, _)| g == group)) else { continue };
+        settled[slot].push(SettledTransfer { transfer_id: t.id, outcome });
+    }
+    let rounds = led.iter().zip(settled).filter(|(_, s)| !s.is_empty()).map(|(&(group, raft), settled)| async move {
+        tracing::debug!(group, count = settled.len(), "settling transfers");
+        if let Err(e) = raft.client_write(Command::Settle(settled)).await {
+            tracing::warn!(group, "settle entry not committed: {e}");
+        }
+    });
+    futures::future::join_all(rounds).await;
     Ok(())
 }
 
@@ -144,7 +162,7 @@ fn is_definitive(status: &tonic::Status) -> bool {
 /// Carries out `transfers`: one `PrepareBatch`, then one `CommitBatch` for the prepared.
 /// Each outcome is `None` when not decided yet (the ledger is unreachable or slow): that
 /// transfer stays pending and the next round tries again.
-async fn execute_all(mut ledger: PaymentLedgerClient<Channel>, transfers: &[Transfer]) -> Vec<Option<Settlement>> {
+async fn execute_all(mut ledger: PaymentLedgerClient<Channel>, transfers: &[&Transfer]) -> Vec<Option<Settlement>> {
     let mut outcomes: Vec<Option<Settlement>> = vec![None; transfers.len()];
     let prepare = pb::PrepareBatchRequest {
         transfers: transfers

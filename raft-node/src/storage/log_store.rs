@@ -30,6 +30,13 @@ use super::keys;
 use super::wal_sync::WalSyncer;
 use crate::raft::TypeConfig;
 
+/// How durable a write of the `raft` family must be.
+#[derive(Clone, Copy)]
+enum Durability {
+    Synced,
+    Memory,
+}
+
 #[derive(Clone)]
 pub struct GroupLogStore {
     db: Arc<DB>,
@@ -57,9 +64,14 @@ impl GroupLogStore {
         }
     }
 
-    fn put_raft<T: Serialize>(&self, tag: u8, value: &T, sync: bool) -> io::Result<()> {
+    /// `Durability::Synced` is on disk when this returns; `Durability::Memory` skips the WAL
+    /// altogether, so a crash loses it unless a memtable flush has written it since.
+    fn put_raft<T: Serialize>(&self, tag: u8, value: &T, durability: Durability) -> io::Result<()> {
         let mut opts = WriteOptions::default();
-        opts.set_sync(sync);
+        match durability {
+            Durability::Synced => opts.set_sync(true),
+            Durability::Memory => opts.disable_wal(true),
+        }
         self.db
             .put_cf_opt(self.cf_raft(), keys::raft(self.group, tag), codec::encode(value)?, &opts)
             .map_err(io::Error::other)
@@ -143,14 +155,18 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
         // A vote must be durable before it is answered: synced write.
         let this = self.clone();
         let vote = vote.clone();
-        tokio::task::spawn_blocking(move || this.put_raft(keys::RAFT_VOTE, &vote, true))
+        tokio::task::spawn_blocking(move || this.put_raft(keys::RAFT_VOTE, &vote, Durability::Synced))
             .await
             .map_err(io::Error::other)?
     }
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
-        // Not synced: losing it only means re-applying a little after a crash.
-        self.put_raft(keys::RAFT_COMMITTED, &committed, false)
+        // Kept out of the WAL: this runs on every commit of every group, on every node, and a
+        // WAL record costs a write(2) each time. Any older value is still a committed log id,
+        // and openraft raises one below the applied state to it, so losing the latest value
+        // in a crash only means the state machine waits for the leader's next commit to catch
+        // up instead of re-applying on its own at startup.
+        self.put_raft(keys::RAFT_COMMITTED, &committed, Durability::Memory)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<TypeConfig>>, io::Error> {
