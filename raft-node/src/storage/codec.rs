@@ -1,19 +1,26 @@
-//! How values are encoded in RocksDB and in the Raft transport: JSON through serde.
+//! How values are encoded in RocksDB, in snapshots and in the Raft transport: bincode 1
+//! through serde.
 //!
-//! JSON is slower than a binary format but is self-describing, so openraft's serde types
-//! (which use attributes such as `default` and `transparent`) round-trip exactly and stored
-//! data can be read with ordinary tools. Everything goes through these two functions, so the
-//! format can change in one place (with a migration) if profiling says it matters.
+//! Everything goes through these two functions. JSON was used first; profiling put it at 7 %
+//! of all CPU on the hot-packet workload (every log entry is encoded once and decoded for each
+//! follower and each apply). bincode writes fields in order with fixed-size integers: no
+//! field names, no number formatting, smaller WAL records. It is not self-describing, which
+//! openraft's serde types allow (they avoid `deserialize_any`). The format is pinned (`=1.3.3`)
+//! because the bytes are on disk; a data directory records which codec wrote it
+//! ([`FORMAT`]), and a node refuses one written by another.
 
 use std::io;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+/// The codec's name as recorded in a data directory.
+pub const FORMAT: &[u8] = b"bincode-1";
+
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> io::Result<Vec<u8>> {
-    serde_json::to_vec(value).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    bincode::serialize(value).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
-    serde_json::from_slice(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    bincode::deserialize(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }

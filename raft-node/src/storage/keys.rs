@@ -16,7 +16,7 @@
 //! | `sm`       | group · `E` · expires_at (u64 BE) · packet id    | (empty) expiry schedule    |
 //! | `sm`       | 0 · `M` · `lock`                                 | membership-change lock     |
 //! | `sm`       | 0 · `N` · node id (u64 BE)                       | (empty) retired node id    |
-//! | `node`     | `node_id` / `groups`                             | this node's identity       |
+//! | `node`     | `node_id` / `groups` / `format`                  | identity, value encoding   |
 //!
 //! Big-endian integers keep keys in numeric order, so a group's log is one contiguous range
 //! and `delete_range` purges or truncates it in one call. Packet ids have a fixed length, so
@@ -46,6 +46,7 @@ const TAG_RETIRED: u8 = b'N';
 
 pub const NODE_ID: &[u8] = b"node_id";
 pub const NODE_GROUPS: &[u8] = b"groups";
+pub const NODE_FORMAT: &[u8] = b"format";
 
 pub fn group_prefix(group: u32) -> [u8; 4] {
     group.to_be_bytes()

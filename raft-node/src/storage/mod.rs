@@ -39,6 +39,8 @@ pub enum StoreError {
         "data directory {path} was created with {stored} groups, but the configuration says {configured}; the group count is fixed when a cluster is created"
     )]
     WrongGroups { path: PathBuf, stored: u32, configured: u32 },
+    #[error("data directory {path} was written with the {stored} encoding, but this version reads and writes {expected}; start the node on an empty data directory and let it catch up from its group peers")]
+    WrongFormat { path: PathBuf, stored: String, expected: String },
     #[error("storage: {0}")]
     Io(#[from] io::Error),
 }
@@ -94,6 +96,26 @@ impl Store {
             let v = self.db.get_cf(cf, key).map_err(io::Error::other)?;
             Ok(v.map(|b| u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0; 8]))))
         };
+        let format = self.db.get_cf(cf, keys::NODE_FORMAT).map_err(io::Error::other)?;
+        match (format, read_u64(keys::NODE_ID)?) {
+            (Some(stored), _) if stored != codec::FORMAT => {
+                return Err(StoreError::WrongFormat {
+                    path: path.into(),
+                    stored: String::from_utf8_lossy(&stored).into_owned(),
+                    expected: String::from_utf8_lossy(codec::FORMAT).into_owned(),
+                });
+            }
+            // Written before the format was recorded: JSON.
+            (None, Some(_)) => {
+                return Err(StoreError::WrongFormat {
+                    path: path.into(),
+                    stored: "json".into(),
+                    expected: String::from_utf8_lossy(codec::FORMAT).into_owned(),
+                });
+            }
+            (None, None) => self.db.put_cf(cf, keys::NODE_FORMAT, codec::FORMAT).map_err(io::Error::other)?,
+            (Some(_), _) => {}
+        }
         match read_u64(keys::NODE_ID)? {
             Some(stored) if stored != node_id => {
                 return Err(StoreError::WrongNode { path: path.into(), stored, configured: node_id });
