@@ -197,6 +197,11 @@ pub struct ConnectOptions {
     pub tls_server_name: Option<String>,
 }
 
+/// Largest `GetPacket` answer accepted: a packet lists every claim, about 45 bytes each, and
+/// a node may be configured for packets far above gRPC's default 4 MiB (100,000 shares is
+/// about 4.5 MB).
+const MAX_PACKET_MESSAGE: usize = 64 << 20;
+
 /// A connection to a redpacket cluster. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct Client {
@@ -418,7 +423,7 @@ impl Client {
         let route = (consistency == ReadConsistency::Linearizable).then_some(packet_id);
         self.retry_for(route, |ch| {
             let req = req.clone();
-            async move { RedPacketClient::new(ch).get_packet(req).await }
+            async move { RedPacketClient::new(ch).max_decoding_message_size(MAX_PACKET_MESSAGE).get_packet(req).await }
         }).await
     }
 

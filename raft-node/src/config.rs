@@ -206,6 +206,11 @@ impl NodeConfig {
         if r.snapshot_every_entries == 0 {
             return Err(("raft.snapshot_every_entries", "must be at least 1".into()));
         }
+        // A packet's read lists every claim (about 45 bytes each): a million shares keeps it
+        // under the client crate's 64 MiB answer limit.
+        if self.limits.max_shares == 0 || self.limits.max_shares > MAX_SHARES_LIMIT {
+            return Err(("limits.max_shares", format!("must be between 1 and {MAX_SHARES_LIMIT}")));
+        }
         Ok(())
     }
 
@@ -226,6 +231,9 @@ impl NodeConfig {
     }
 }
 
+/// Highest `limits.max_shares` a node accepts.
+pub const MAX_SHARES_LIMIT: u32 = 1_000_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +245,18 @@ mod tests {
             let c = NodeConfig::load(&dir.join(format!("node-{n}.toml"))).unwrap();
             assert_eq!(c.node_id, n);
             c.openraft_config().unwrap();
+        }
+    }
+
+    #[test]
+    fn max_shares_is_bounded_so_a_packet_read_fits_in_an_answer() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/local");
+        let mut c = NodeConfig::load(&dir.join("node-1.toml")).unwrap();
+        c.limits.max_shares = 100_000;
+        assert!(c.validate().is_ok());
+        for bad in [0, MAX_SHARES_LIMIT + 1] {
+            c.limits.max_shares = bad;
+            assert_eq!(c.validate().unwrap_err().0, "limits.max_shares");
         }
     }
 
