@@ -107,9 +107,10 @@ pub async fn run(groups: Arc<Groups>, store: Store, ledger: PaymentLedgerClient<
 /// outcomes in its own `Settle` entry, side by side: a create waits for its funding, so a
 /// pass must not cost the sum of every group's round trips.
 async fn settle_groups(led: &[(u32, &Raft)], store: &Store, ledger: PaymentLedgerClient<Channel>) -> anyhow::Result<()> {
-    let mut pending: Vec<(u32, Transfer)> = Vec::new();
-    for &(group, _) in led {
-        pending.extend(store.reader(group).unsettled(BATCH)?.into_iter().map(|t| (group, t)));
+    // Each transfer with the index in `led` of the group it belongs to.
+    let mut pending: Vec<(usize, Transfer)> = Vec::new();
+    for (slot, &(group, _)) in led.iter().enumerate() {
+        pending.extend(store.reader(group).unsettled(BATCH)?.into_iter().map(|t| (slot, t)));
     }
     if pending.is_empty() {
         return Ok(());
@@ -123,9 +124,10 @@ async fn settle_groups(led: &[(u32, &Raft)], store: &Store, ledger: PaymentLedge
     // must find the transfer pending, re-run it (a no-op at the ledger) and settle it.
     fail::fail_point!("settle-after-commit", |_| std::process::abort());
     let mut settled: Vec<Vec<SettledTransfer>> = vec![Vec::new(); led.len()];
-    for ((group, t), outcome) in pending.into_iter().zip(outcomes) {
-        let (Some(outcome), Some(slot)) = (outcome, led.iter().position(|&(g, _)| g == group)) else { continue };
-        settled[slot].push(SettledTransfer { transfer_id: t.id, outcome });
+    for ((slot, t), outcome) in pending.into_iter().zip(outcomes) {
+        if let Some(outcome) = outcome {
+            settled[slot].push(SettledTransfer { transfer_id: t.id, outcome });
+        }
     }
     let rounds = led.iter().zip(settled).filter(|(_, s)| !s.is_empty()).map(|(&(group, raft), settled)| async move {
         tracing::debug!(group, count = settled.len(), "settling transfers");

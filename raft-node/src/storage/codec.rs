@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// The codec's name as recorded in a data directory.
-pub const FORMAT: &[u8] = b"bincode-1";
+pub const FORMAT: &str = "bincode-1";
 
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> io::Result<Vec<u8>> {
     bincode::serialize(value).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))

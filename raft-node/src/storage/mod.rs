@@ -96,27 +96,22 @@ impl Store {
             let v = self.db.get_cf(cf, key).map_err(io::Error::other)?;
             Ok(v.map(|b| u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0; 8]))))
         };
+        let stored_id = read_u64(keys::NODE_ID)?;
+        // A directory with an identity but no recorded codec predates the record: JSON.
         let format = self.db.get_cf(cf, keys::NODE_FORMAT).map_err(io::Error::other)?;
-        match (format, read_u64(keys::NODE_ID)?) {
-            (Some(stored), _) if stored != codec::FORMAT => {
-                return Err(StoreError::WrongFormat {
-                    path: path.into(),
-                    stored: String::from_utf8_lossy(&stored).into_owned(),
-                    expected: String::from_utf8_lossy(codec::FORMAT).into_owned(),
-                });
+        let stored_format = match (format, stored_id) {
+            (Some(format), _) => Some(String::from_utf8_lossy(&format).into_owned()),
+            (None, Some(_)) => Some("json".to_string()),
+            (None, None) => None,
+        };
+        match stored_format {
+            Some(stored) if stored != codec::FORMAT => {
+                return Err(StoreError::WrongFormat { path: path.into(), stored, expected: codec::FORMAT.to_string() });
             }
-            // Written before the format was recorded: JSON.
-            (None, Some(_)) => {
-                return Err(StoreError::WrongFormat {
-                    path: path.into(),
-                    stored: "json".into(),
-                    expected: String::from_utf8_lossy(codec::FORMAT).into_owned(),
-                });
-            }
-            (None, None) => self.db.put_cf(cf, keys::NODE_FORMAT, codec::FORMAT).map_err(io::Error::other)?,
-            (Some(_), _) => {}
+            Some(_) => {}
+            None => self.db.put_cf(cf, keys::NODE_FORMAT, codec::FORMAT).map_err(io::Error::other)?,
         }
-        match read_u64(keys::NODE_ID)? {
+        match stored_id {
             Some(stored) if stored != node_id => {
                 return Err(StoreError::WrongNode { path: path.into(), stored, configured: node_id });
             }

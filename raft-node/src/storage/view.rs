@@ -2,7 +2,7 @@
 //!
 //! Every grab reads its packet twice: once on the leader's fast path (is it sold out, is the
 //! user a recipient?) and once more in apply, on every replica. From RocksDB each read is a
-//! memtable or block-cache lookup and a JSON decode. The view keeps the packets last applied,
+//! memtable or block-cache lookup and a decode. The view keeps the packets last applied,
 //! per group, so both reads are a hash lookup.
 //!
 //! It is exact, never ahead of or behind the applied state, because only the group's state
