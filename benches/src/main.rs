@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Parser;
 use clap::Subcommand;
 use redpacket_bench::load;
@@ -130,6 +131,11 @@ fn main() -> anyhow::Result<()> {
                 }
             };
             let client = Client::connect(&endpoints)?;
+            // Connections are made lazily; a gateway's are long open, so open them now rather
+            // than time the first grabs' connection set-up.
+            for (endpoint, status) in client.cluster_status().await {
+                status.with_context(|| format!("endpoint {endpoint}"))?;
+            }
             let ledger = redpacket_client::ledger::Ledger::connect(&ledger_addr)?;
             ledger.deposit(&format!("bench-{}", rand::random::<u64>()), "bench-sender", 1_000_000_000_000).await?;
             if let Cmd::Mixed { ratio, seconds, shares } = command {

@@ -97,15 +97,25 @@ async fn run(channel: AuthChannel, mut queue: mpsc::Receiver<Queued>) {
             },
             else => {}
         }
-        while next.len() < MAX_BATCH_ITEMS {
-            match queue.try_recv() {
-                Ok(item) => next.push(item),
-                Err(_) => break,
-            }
-        }
+        take_queued(&mut queue, &mut next);
         if !next.is_empty() && in_flight.len() < MAX_IN_FLIGHT {
+            // Let the callers that are already runnable queue first. One batch answer wakes
+            // all its callers at once, and most call again at once: without this, the first
+            // to come back would go out alone, and the rest would wait behind it.
+            tokio::task::yield_now().await;
+            take_queued(&mut queue, &mut next);
             let batch: Vec<Queued> = next.drain(..next.len().min(MAX_BATCH_ITEMS)).collect();
             in_flight.push(send(channel.clone(), batch));
+        }
+    }
+}
+
+/// Moves what is already queued into `next`, up to a full request.
+fn take_queued(queue: &mut mpsc::Receiver<Queued>, next: &mut Vec<Queued>) {
+    while next.len() < MAX_BATCH_ITEMS {
+        match queue.try_recv() {
+            Ok(item) => next.push(item),
+            Err(_) => break,
         }
     }
 }

@@ -27,7 +27,10 @@ pub async fn serve(service: &PacketService, request: Request<pb::BatchRequest>) 
         return Err(status::invalid("items", format!("{} items; at most {MAX_BATCH_ITEMS} per request", items.len())));
     }
     let answers = items.into_iter().enumerate().map(|(i, item)| answer(service, i, item, forwarded));
-    let results = futures::future::join_all(answers).await;
+    // Unconstrained: tokio's cooperative budget (128 operations per poll) would otherwise
+    // stop this task part-way through a large request, the group's batcher would propose the
+    // first part alone, and every item of the request would wait for two log entries.
+    let results = tokio::task::unconstrained(futures::future::join_all(answers)).await;
     Ok(Response::new(pb::BatchResponse { results }))
 }
 
