@@ -141,6 +141,32 @@ def main(meta_path, results_path):
             w(f"| {wl} | {SYSTEMS[s]} | {pool} | " + " | ".join(cells) + f" | {len(ok)} of {len(rs)} |")
     w("")
 
+    # CPU per grab, by process.
+    cpu_rows = []
+    for wl in WORKLOADS:
+        ok = [r for r in runs_of("redpacket", wl) if valid(r) and r["result"].get("cpu_us_per_grab")]
+        if not ok:
+            continue
+        roles = list(ok[0]["result"]["cpu_us_per_grab"])
+        cells = [statistics.median(r["result"]["cpu_us_per_grab"].get(role, 0.0) for r in ok) for role in roles]
+        cpu_rows.append((wl, roles, cells))
+    if cpu_rows:
+        w("## Where redpacket's CPU goes")
+        w("")
+        w("CPU time (user + system, from `/proc`) spent during the race, divided by the grabs: "
+          "the median of the valid runs. `nodes` is the three node processes together (each grab "
+          "is applied on all three), `ledger` the payment stub, `client` the load generator. "
+          f"The machine has {meta['nproc']} cores; a cluster saturates them at "
+          "1 s × cores / (CPU per grab).")
+        w("")
+        w("| workload | " + " | ".join(f"{role} µs" for role in cpu_rows[0][1]) + " | total µs | ceiling grabs/s |")
+        w("| --- | " + " | ".join("---:" for _ in cpu_rows[0][1]) + " | ---: | ---: |")
+        for wl, roles, cells in cpu_rows:
+            total = sum(cells)
+            ceiling = int(meta['nproc']) * 1e6 / total if total else 0
+            w(f"| {wl} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {total:.1f} | {ceiling:.0f} |")
+        w("")
+
     # Ratios within each run.
     if "redpacket" in systems and peers:
         w("## redpacket / peer")

@@ -17,6 +17,9 @@ use redpacket_client::Error;
 use redpacket_client::NewPacket;
 use redpacket_client::Recipients;
 
+use crate::cpu::CpuMeter;
+use crate::cpu::CpuSample;
+
 /// What a run measured.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -39,6 +42,8 @@ pub struct Outcome {
     /// After the race: latency of repeated grabs by users who hold a share (µs).
     pub duplicate_latency: Option<Histogram<u64>>,
     pub verified: bool,
+    /// CPU seconds each watched process (by role) spent during the race.
+    pub cpu: CpuSample,
 }
 
 impl Outcome {
@@ -57,13 +62,24 @@ impl Outcome {
         }
     }
 
+    /// Microseconds of CPU per successful grab, by role, over the race.
+    pub fn cpu_per_grab_us(&self) -> Vec<(&'static str, f64)> {
+        self.cpu.0.iter().map(|(role, s)| (*role, s * 1e6 / self.grabs.max(1) as f64)).collect()
+    }
+
+    fn cpu_line(&self) -> String {
+        let per_grab: Vec<String> = self.cpu_per_grab_us().iter().map(|(role, us)| format!("{role} {us:.1}")).collect();
+        let busy: f64 = self.cpu.0.iter().map(|(_, s)| s).sum::<f64>() / self.elapsed.as_secs_f64().max(1e-9);
+        format!("  CPU µs per grab: {} · {busy:.2} cores busy", per_grab.join(" · "))
+    }
+
     pub fn table(&self) -> String {
         let (p50, p99, p999) = Self::quantiles(&self.grab_latency);
         let (s50, s99, _) = Self::quantiles(&self.sold_out_latency);
         let (r50, r99, r999) = Self::quantiles(&self.refusal_latency);
         let (d50, d99, d999) = Self::quantiles(&self.duplicate_latency);
         format!(
-            "workload {} · {:.1} s · {} packets\n  grabs/s {:>10.0}   grabs {:>8}   attempts {:>8}   sold out {:>8}   busy {:>8}   errors {}\n  grab latency ms    p50 {p50:.2}  p99 {p99:.2}  p99.9 {p999:.2}\n  sold-out (in race) ms p50 {s50:.2}  p99 {s99:.2}\n  after sold out, ms: new user p50 {r50:.3} p99 {r99:.3} p99.9 {r999:.3} · repeat grab p50 {d50:.3} p99 {d99:.3} p99.9 {d999:.3}\n  money verified: {}",
+            "workload {} · {:.1} s · {} packets\n  grabs/s {:>10.0}   grabs {:>8}   attempts {:>8}   sold out {:>8}   busy {:>8}   errors {}\n  grab latency ms    p50 {p50:.2}  p99 {p99:.2}  p99.9 {p999:.2}\n  sold-out (in race) ms p50 {s50:.2}  p99 {s99:.2}\n  after sold out, ms: new user p50 {r50:.3} p99 {r99:.3} p99.9 {r999:.3} · repeat grab p50 {d50:.3} p99 {d99:.3} p99.9 {d999:.3}\n{}\n  money verified: {}",
             self.workload,
             self.elapsed.as_secs_f64(),
             self.packets,
@@ -73,6 +89,7 @@ impl Outcome {
             self.sold_out,
             self.busy,
             self.errors,
+            self.cpu_line(),
             if self.verified { "every packet's claims sum to its total" } else { "NO — this run is void" }
         )
     }
@@ -90,6 +107,7 @@ impl Outcome {
             "sold_out_p50_ms": s50, "sold_out_p99_ms": s99,
             "refusal_p50_ms": r50, "refusal_p99_ms": r99, "duplicate_p50_ms": d50, "duplicate_p99_ms": d99,
             "verified": self.verified,
+            "cpu_us_per_grab": self.cpu_per_grab_us().into_iter().map(|(role, us)| (role.to_string(), serde_json::json!(us))).collect::<serde_json::Map<_, _>>(),
         })
         .to_string()
     }
@@ -177,7 +195,7 @@ pub async fn race<T: Target>(
     shares: u32,
     concurrency: usize,
     refusals: (u64, usize),
-    progress: bool,
+    meter: &CpuMeter,
 ) -> anyhow::Result<Outcome> {
     // Set-up, not measured: created a few at a time (each create waits for its funding).
     let ids: Vec<String> = futures::stream::iter(0..packets)
@@ -193,8 +211,9 @@ pub async fn race<T: Target>(
     // Each task's histograms are made before the clock starts: a few hundred KB each, and
     // zeroing 512 of them took tens of milliseconds of the race's start.
     let histograms: Vec<_> = (0..concurrency).map(|_| (histogram(), histogram())).collect();
+    let cpu_before = meter.sample();
     let started = Instant::now();
-    let reporter = progress.then(|| {
+    let reporter = {
         let tally = tally.clone();
         tokio::spawn(async move {
             loop {
@@ -202,7 +221,7 @@ pub async fn race<T: Target>(
                 eprintln!("  … {} grabs, {} attempts", tally.grabs.load(Ordering::Relaxed), tally.attempts.load(Ordering::Relaxed));
             }
         })
-    });
+    };
     let tasks: Vec<_> = histograms
         .into_iter()
         .enumerate()
@@ -265,9 +284,8 @@ pub async fn race<T: Target>(
         winners.extend(w);
     }
     let elapsed = started.elapsed();
-    if let Some(r) = reporter {
-        r.abort();
-    }
+    let cpu = meter.sample().since(&cpu_before);
+    reporter.abort();
     let after = refuse(target, &ids, Arc::new(winners), next_user.load(Ordering::Relaxed), refusals.1, refusals.0).await?;
     let verified = after.oversold == 0 && target.verify(&ids).await?;
     if after.oversold > 0 {
@@ -287,6 +305,7 @@ pub async fn race<T: Target>(
         refusal_latency: Some(after.sold_out),
         duplicate_latency: Some(after.duplicate),
         verified,
+        cpu,
     })
 }
 

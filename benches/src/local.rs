@@ -142,6 +142,18 @@ impl LocalCluster {
     }
 }
 
+impl LocalCluster {
+    /// A meter of this process (`client`), the nodes (`nodes`) and the ledger (`ledger`).
+    pub fn cpu_meter(&self) -> crate::cpu::CpuMeter {
+        let mut meter = crate::cpu::CpuMeter::this_process();
+        // The ledger is spawned first, then the nodes.
+        for (i, child) in self.children.iter().enumerate() {
+            meter.watch(if i == 0 { "ledger" } else { "nodes" }, child.id());
+        }
+        meter
+    }
+}
+
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         for c in &mut self.children {

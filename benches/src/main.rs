@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use clap::Subcommand;
+use redpacket_bench::cpu::CpuMeter;
 use redpacket_bench::load;
 use redpacket_bench::peers;
 use redpacket_bench::local::LocalCluster;
@@ -110,11 +111,11 @@ fn main() -> anyhow::Result<()> {
             let outcome = match cli.target {
                 TargetKind::Postgres => {
                     let pg = peers::postgres::Postgres::connect(&cli.pg, cli.pool).await?;
-                    run_workload(&pg, &command, cli.concurrency, (cli.refusals, cli.refusal_concurrency)).await?
+                    run_workload(&pg, &command, cli.concurrency, (cli.refusals, cli.refusal_concurrency), &CpuMeter::this_process()).await?
                 }
                 TargetKind::Redis => {
                     let redis = peers::redis::Redis::connect(&cli.redis, cli.pool).await?;
-                    run_workload(&redis, &command, cli.concurrency, (cli.refusals, cli.refusal_concurrency)).await?
+                    run_workload(&redis, &command, cli.concurrency, (cli.refusals, cli.refusal_concurrency), &CpuMeter::this_process()).await?
                 }
                 TargetKind::Redpacket => unreachable!("handled below"),
             };
@@ -150,7 +151,8 @@ fn main() -> anyhow::Result<()> {
                 Some(c) => Some(c.figures().await?),
                 None => None,
             };
-            let outcome = run_workload(&load::Redpacket(client), &command, cli.concurrency, (cli.refusals, cli.refusal_concurrency)).await?;
+            let meter = local.as_ref().map_or_else(CpuMeter::this_process, LocalCluster::cpu_meter);
+            let outcome = run_workload(&load::Redpacket(client), &command, cli.concurrency, (cli.refusals, cli.refusal_concurrency), &meter).await?;
             if let (Some(c), Some(before)) = (&local, before) {
                 // Sampled once a second by the nodes, so wait for the last sample.
                 tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
@@ -171,10 +173,16 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn run_workload<T: load::Target>(target: &T, command: &Cmd, concurrency: usize, refusals: (u64, usize)) -> anyhow::Result<load::Outcome> {
+async fn run_workload<T: load::Target>(
+    target: &T,
+    command: &Cmd,
+    concurrency: usize,
+    refusals: (u64, usize),
+    meter: &CpuMeter,
+) -> anyhow::Result<load::Outcome> {
     match command {
-        Cmd::Hot { shares } => load::race(target, "hot", 1, *shares, concurrency, refusals, true).await,
-        Cmd::Many { packets, shares } => load::race(target, "many", *packets, *shares, concurrency, refusals, true).await,
+        Cmd::Hot { shares } => load::race(target, "hot", 1, *shares, concurrency, refusals, meter).await,
+        Cmd::Many { packets, shares } => load::race(target, "many", *packets, *shares, concurrency, refusals, meter).await,
         Cmd::Mixed { .. } => anyhow::bail!("the mixed workload runs against redpacket only"),
         _ => unreachable!("serve commands handled above"),
     }

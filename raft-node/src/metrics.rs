@@ -144,9 +144,7 @@ impl Metrics {
                     self.lag.with_label_values(&[&g, &follower.to_string()]).set(behind as i64);
                 }
             }
-            if let Ok(pending) = store.reader(group).unsettled_count() {
-                self.unsettled.with_label_values(&[&g]).set(pending as i64);
-            }
+            self.unsettled.with_label_values(&[&g]).set(store.reader(group).unsettled_count() as i64);
         }
         let db = store.db();
         let prop = |name: &str| db.property_int_value(name).ok().flatten().unwrap_or(0);

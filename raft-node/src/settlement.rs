@@ -3,7 +3,7 @@
 //! Every transfer (funding, payment, refund) is first recorded in a group's state machine
 //! as pending. The group leader then carries it out against the payment ledger, prepare then
 //! commit, and proposes a `Settle` entry with the ledger's final word. A new leader (after a
-//! failover or restart) finds every pending transfer in the unsettled index and does the same:
+//! failover or restart) finds every transfer still recorded as unsettled and does the same:
 //! the ledger is idempotent by transfer id, so a transfer interrupted anywhere is completed
 //! exactly once, never executed twice, never forgotten.
 //!

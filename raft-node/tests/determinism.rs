@@ -13,6 +13,8 @@ use redpacket_node::packet::PacketId;
 use redpacket_node::packet::Recipients;
 use redpacket_node::packet::transfer::Settlement;
 use redpacket_node::packet::transfer::fund_id;
+use redpacket_node::packet::transfer::pay_id;
+use redpacket_node::packet::transfer::refund_id;
 use redpacket_node::raft::Command;
 use redpacket_node::raft::SettledTransfer;
 use redpacket_node::raft::TypeConfig;
@@ -86,17 +88,22 @@ fn entries(log: &[Command]) -> Vec<EntryOf<TypeConfig>> {
         .collect()
 }
 
-/// Applies the log in batches of `batch` entries to a fresh store; returns every key and
-/// value of the state-machine column families.
-async fn apply_all(batch: usize) -> Vec<(String, Vec<u8>, Vec<u8>)> {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), 1, 4).unwrap();
+/// Applies the log in batches of `batch` entries to `store`.
+async fn apply_log(store: &Store, batch: usize) {
     let mut sm = store.state_machine(GROUP);
     let all = entries(&log());
     for chunk in all.chunks(batch) {
         let items: Vec<_> = chunk.iter().cloned().map(|e| Ok((e, None))).collect();
         sm.apply(stream::iter(items)).await.unwrap();
     }
+}
+
+/// Applies the log in batches of `batch` entries to a fresh store; returns every key and
+/// value of the state-machine column families.
+async fn apply_all(batch: usize) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 1, 4).unwrap();
+    apply_log(&store, batch).await;
     let db = store.db();
     let mut dump = Vec::new();
     for cf_name in [keys::CF_SM, keys::CF_SM_META] {
@@ -124,4 +131,52 @@ async fn batching_does_not_change_the_result() {
     let odd = apply_all(3).await;
     assert_eq!(one_by_one, all_at_once);
     assert_eq!(one_by_one, odd);
+}
+
+/// A transfer is listed as unsettled exactly until a `Settle` records its outcome, and the
+/// first outcome stands.
+#[tokio::test]
+async fn transfers_stay_unsettled_until_settled_and_the_first_outcome_stands() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 1, 4).unwrap();
+    apply_log(&store, 5).await;
+    let reader = store.reader(GROUP);
+    let (a, b) = (packet(1, 5, 1000, Kind::Lucky, Recipients::Anyone).packet_id, packet(2, 3, 300, Kind::Equal, Recipients::Anyone).packet_id);
+    let unfunded = packet(4, 2, 500, Kind::Lucky, Recipients::Anyone).packet_id;
+
+    // Never settled: b's one payment and the two refunds of the expiry.
+    let mut unsettled: Vec<String> = reader.unsettled(usize::MAX).unwrap().into_iter().map(|t| t.id).collect();
+    unsettled.sort();
+    let mut expected = vec![pay_id(&b, 0), refund_id(&a), refund_id(&b)];
+    expected.sort();
+    assert_eq!(unsettled, expected);
+    assert_eq!(reader.unsettled_count(), 3);
+
+    // Every transfer is found by id, settled or not, and listed once by the dump.
+    let (_, all) = reader.dump().unwrap();
+    for t in &all {
+        let found = reader.transfer(&t.id).unwrap().expect("every dumped transfer is found by id");
+        assert_eq!(&found, t);
+        assert_eq!(t.is_pending(), expected.contains(&t.id), "{}", t.id);
+    }
+    let mut ids: Vec<&str> = all.iter().map(|t| t.id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), all.len(), "a transfer is stored once");
+
+    assert_eq!(reader.transfer(&fund_id(&a)).unwrap().unwrap().settlement, Settlement::Committed);
+    assert_eq!(
+        reader.transfer(&fund_id(&unfunded)).unwrap().unwrap().settlement,
+        Settlement::Aborted { reason: "insufficient funds".into() },
+        "the late, conflicting Committed is ignored"
+    );
+    assert!(reader.transfer("pay:nothing:0").unwrap().is_none());
+
+    // The unsettled set is kept in memory; a reopened store rebuilds it from RocksDB.
+    drop(store);
+    let store = Store::open(dir.path(), 1, 4).unwrap();
+    let mut again: Vec<String> = store.reader(GROUP).unsettled(usize::MAX).unwrap().into_iter().map(|t| t.id).collect();
+    again.sort();
+    assert_eq!(again, expected);
+    assert_eq!(store.reader(GROUP).unsettled(2).unwrap().len(), 2, "the limit holds");
 }

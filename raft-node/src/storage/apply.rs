@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 
 use super::codec;
 use super::keys;
+use super::pending::PendingChange;
 use super::view::PacketViews;
 use crate::packet::Claim;
 use crate::packet::GrabOutcome;
@@ -51,17 +52,19 @@ pub struct Txn<'a> {
     group: u32,
     /// Values other than packets written by earlier entries of this batch (`None`:
     /// deleted); the last write of a key wins.
-    pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    writes: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// Packets this batch has read or changed.
     packets: HashMap<PacketId, StagedPacket>,
     /// Whether this batch recorded a funding transfer: a create waits for it, so the
     /// leader's settler is woken at once (payments and refunds wait for its next pass).
     new_funding: bool,
+    /// Transfers this batch recorded and settled, for the in-memory pending set.
+    pending: PendingChange,
 }
 
 impl<'a> Txn<'a> {
     pub fn new(db: &'a DB, group: u32, views: &'a PacketViews) -> Self {
-        Txn { db, views, group, pending: HashMap::new(), packets: HashMap::new(), new_funding: false }
+        Txn { db, views, group, writes: HashMap::new(), packets: HashMap::new(), new_funding: false, pending: PendingChange::default() }
     }
 
     fn cf(&self) -> &'a rocksdb::ColumnFamily {
@@ -77,19 +80,19 @@ impl<'a> Txn<'a> {
 
     /// Any value but a packet (those go through [`Txn::stage_packet`]).
     fn get<T: DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
-        match self.pending.get(key) {
+        match self.writes.get(key) {
             Some(value) => value.as_deref().map(codec::decode).transpose(),
             None => self.read(key),
         }
     }
 
     fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) -> io::Result<()> {
-        self.pending.insert(key, Some(codec::encode(value)?));
+        self.writes.insert(key, Some(codec::encode(value)?));
         Ok(())
     }
 
     fn delete(&mut self, key: Vec<u8>) {
-        self.pending.insert(key, None);
+        self.writes.insert(key, None);
     }
 
     /// The packet as this batch has it, staged on first use: from the in-memory view, else
@@ -123,10 +126,10 @@ impl<'a> Txn<'a> {
         Ok(Some(result))
     }
 
-    /// Records a new transfer and marks it unsettled, for the leader to carry out.
+    /// Records a new transfer as unsettled, for the leader to carry out.
     fn record_transfer(&mut self, transfer: &Transfer) -> io::Result<()> {
-        self.put(keys::transfer(self.group, &transfer.id), transfer)?;
-        self.put(keys::unsettled(self.group, &transfer.id), &())?;
+        self.put(keys::unsettled(self.group, &transfer.id), transfer)?;
+        self.pending.recorded.push(transfer.id.clone());
         self.new_funding |= transfer.kind == TransferKind::Fund;
         Ok(())
     }
@@ -137,12 +140,14 @@ impl<'a> Txn<'a> {
     }
 
     /// Hands the collected writes to the caller, who adds the metadata and commits, then
-    /// gives the packets written to the in-memory view. Keys are distinct, so their order in
-    /// the batch does not matter.
-    pub fn into_batch(self) -> io::Result<(WriteBatch, Vec<Arc<Packet>>)> {
+    /// gives the packets written to the in-memory view and the transfer changes to the
+    /// pending set. Keys are distinct, so their order in
+    /// the batch does not matter. (Sorting them, so that each memtable insert starts near the
+    /// previous one, was tried: the sort cost as much as it saved.)
+    pub fn into_batch(self) -> io::Result<(WriteBatch, Vec<Arc<Packet>>, PendingChange)> {
         let cf = self.cf();
         let mut batch = WriteBatch::default();
-        for (key, value) in self.pending {
+        for (key, value) in self.writes {
             match value {
                 Some(bytes) => batch.put_cf(cf, &key, &bytes),
                 None => batch.delete_cf(cf, &key),
@@ -155,7 +160,7 @@ impl<'a> Txn<'a> {
                 packets.push(staged.packet);
             }
         }
-        Ok((batch, packets))
+        Ok((batch, packets, self.pending))
     }
 
     /// Applies one command. `Err` is a storage failure (the node must stop); a refused
@@ -304,24 +309,25 @@ impl<'a> Txn<'a> {
         let g = self.group;
         let mut count = 0;
         for s in settled {
-            let key = keys::transfer(g, &s.transfer_id);
-            let Some(mut transfer) = self.get::<Transfer>(&key)? else {
-                tracing::error!(group = g, transfer = %s.transfer_id, "settle of an unknown transfer ignored");
-                continue;
-            };
-            if !transfer.is_pending() {
-                if transfer.settlement != s.outcome {
-                    tracing::error!(group = g, transfer = %s.transfer_id, recorded = ?transfer.settlement, new = ?s.outcome,
-                        "conflicting settlement ignored: the first outcome stands");
+            let pending_key = keys::unsettled(g, &s.transfer_id);
+            let Some(mut transfer) = self.get::<Transfer>(&pending_key)? else {
+                match self.get::<Transfer>(&keys::transfer(g, &s.transfer_id))? {
+                    Some(done) if done.settlement != s.outcome && s.outcome != Settlement::Pending => {
+                        tracing::error!(group = g, transfer = %s.transfer_id, recorded = ?done.settlement, new = ?s.outcome,
+                            "conflicting settlement ignored: the first outcome stands");
+                    }
+                    Some(_) => {}
+                    None => tracing::error!(group = g, transfer = %s.transfer_id, "settle of an unknown transfer ignored"),
                 }
                 continue;
-            }
+            };
             if s.outcome == Settlement::Pending {
                 continue;
             }
             transfer.settlement = s.outcome.clone();
-            self.put(key, &transfer)?;
-            self.delete(keys::unsettled(g, &transfer.id));
+            self.delete(pending_key);
+            self.put(keys::transfer(g, &transfer.id), &transfer)?;
+            self.pending.settled.push(transfer.id.clone());
             if transfer.kind == TransferKind::Fund {
                 let committed = transfer.settlement == Settlement::Committed;
                 self.change_packet(&transfer.packet_id, |packet| (packet.funding_settled(committed), true))?;

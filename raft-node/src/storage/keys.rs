@@ -11,12 +11,15 @@
 //! | `sm`       | group · `P` · packet id                          | packet                     |
 //! | `sm`       | group · `C` · packet id · user                   | claim (a user's share)     |
 //! | `sm`       | group · `R` · sender · 0x00 · request id         | packet id (create dedup)   |
-//! | `sm`       | group · `T` · transfer id                        | transfer (money movement)  |
-//! | `sm`       | group · `U` · transfer id                        | (empty) unsettled index    |
+//! | `sm`       | group · `U` · transfer id                        | transfer, while unsettled  |
+//! | `sm`       | group · `T` · transfer id                        | transfer, once settled     |
 //! | `sm`       | group · `E` · expires_at (u64 BE) · packet id    | (empty) expiry schedule    |
 //! | `sm`       | 0 · `M` · `lock`                                 | membership-change lock     |
 //! | `sm`       | 0 · `N` · node id (u64 BE)                       | (empty) retired node id    |
 //! | `node`     | `node_id` / `groups` / `format`                  | identity, value encoding   |
+//!
+//! A transfer lives under exactly one of `U` and `T`: recording one is a single write, the
+//! settler reads the pending ones with one scan of `U`, and settling moves it to `T`.
 //!
 //! Big-endian integers keep keys in numeric order, so a group's log is one contiguous range
 //! and `delete_range` purges or truncates it in one call. Packet ids have a fixed length, so
@@ -134,7 +137,7 @@ pub fn unsettled(group: u32, id: &str) -> Vec<u8> {
     with_tag(group, TAG_UNSETTLED, &[id.as_bytes()])
 }
 
-/// Prefix of the unsettled-transfer index of a group.
+/// Prefix of the unsettled transfers of a group.
 pub fn unsettled_all(group: u32) -> Vec<u8> {
     with_tag(group, TAG_UNSETTLED, &[])
 }

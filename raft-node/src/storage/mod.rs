@@ -5,6 +5,7 @@ pub mod apply;
 pub mod codec;
 pub mod keys;
 pub mod log_store;
+pub mod pending;
 pub mod state_machine;
 pub mod view;
 pub mod wal_sync;
@@ -22,6 +23,7 @@ use rocksdb::ReadOptions;
 pub use self::log_store::GroupLogStore;
 pub use self::state_machine::AppliedState;
 pub use self::state_machine::GroupStateMachine;
+use self::pending::PendingTransfers;
 use self::view::PacketViews;
 use self::wal_sync::WalSyncer;
 use crate::packet::Claim;
@@ -39,7 +41,7 @@ pub enum StoreError {
         "data directory {path} was created with {stored} groups, but the configuration says {configured}; the group count is fixed when a cluster is created"
     )]
     WrongGroups { path: PathBuf, stored: u32, configured: u32 },
-    #[error("data directory {path} was written with the {stored} encoding, but this version reads and writes {expected}; start the node on an empty data directory and let it catch up from its group peers")]
+    #[error("data directory {path} was written in the {stored} format, but this version reads and writes {expected}; start the node on an empty data directory and let it catch up from its group peers")]
     WrongFormat { path: PathBuf, stored: String, expected: String },
     #[error("storage: {0}")]
     Io(#[from] io::Error),
@@ -55,6 +57,8 @@ pub struct Store {
     settle_wake: Arc<tokio::sync::Notify>,
     /// The applied packets of every group, in memory.
     views: Arc<PacketViews>,
+    /// The unsettled transfer ids of every group, in memory.
+    pending: Arc<PendingTransfers>,
 }
 
 impl Store {
@@ -85,8 +89,12 @@ impl Store {
             .map_err(|source| StoreError::Open { path: db_path.clone(), source })?;
         let db = Arc::new(db);
         let views = Arc::new(PacketViews::new(groups));
-        let store = Store { wal: WalSyncer::start(&db), db, snapshot_dir, settle_wake: Arc::default(), views };
+        let pending = Arc::new(PendingTransfers::new(groups));
+        let store = Store { wal: WalSyncer::start(&db), db, snapshot_dir, settle_wake: Arc::default(), views, pending };
         store.check_identity(&db_path, node_id, groups)?;
+        for group in 0..groups {
+            store.pending.load(group, unsettled_ids(&store.db, group)?);
+        }
         Ok(store)
     }
 
@@ -134,7 +142,7 @@ impl Store {
     }
 
     pub fn state_machine(&self, group: u32) -> GroupStateMachine {
-        GroupStateMachine::new(self.db.clone(), group, self.snapshot_dir.clone(), self.settle_wake.clone(), self.views.clone())
+        GroupStateMachine::new(self.db.clone(), group, self.snapshot_dir.clone(), self.settle_wake.clone(), self.views.clone(), self.pending.clone())
     }
 
     /// Woken when any group records a new funding transfer.
@@ -144,7 +152,7 @@ impl Store {
 
     /// Reads of one group's applied state.
     pub fn reader(&self, group: u32) -> StateReader<'_> {
-        StateReader { db: &self.db, views: &self.views, group }
+        StateReader { db: &self.db, views: &self.views, pending: &self.pending, group }
     }
 
     pub fn db(&self) -> &Arc<DB> {
@@ -156,6 +164,7 @@ impl Store {
 pub struct StateReader<'a> {
     db: &'a DB,
     views: &'a PacketViews,
+    pending: &'a PendingTransfers,
     group: u32,
 }
 
@@ -193,8 +202,14 @@ impl StateReader<'_> {
         Ok(claims)
     }
 
+    /// A transfer, settled or not (it is stored under exactly one of the two keys). `U` is
+    /// read first: settling deletes it and writes `T` in one batch, so a miss there means `T`
+    /// is already visible, whereas reading `T` first could miss a transfer moving between them.
     pub fn transfer(&self, id: &str) -> io::Result<Option<Transfer>> {
-        self.get(&keys::transfer(self.group, id))
+        match self.get(&keys::unsettled(self.group, id))? {
+            Some(pending) => Ok(Some(pending)),
+            None => self.get(&keys::transfer(self.group, id)),
+        }
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
@@ -220,22 +235,22 @@ impl StateReader<'_> {
         Ok(out)
     }
 
-    /// Transfers recorded but not yet settled, oldest id first.
+    /// Transfers recorded but not yet settled, at most `limit`, in id order. The ids come
+    /// from memory ([`pending`]); each transfer is read by key (one settled meanwhile is
+    /// left out).
     pub fn unsettled(&self, limit: usize) -> io::Result<Vec<Transfer>> {
-        let prefix = keys::unsettled_all(self.group);
         let mut out = Vec::new();
-        for (k, _) in self.scan(&prefix, limit)? {
-            let id = std::str::from_utf8(&k[prefix.len()..]).map_err(io::Error::other)?;
-            if let Some(t) = self.transfer(id)? {
-                out.push(t);
+        for id in self.pending.first(self.group, limit) {
+            if let Some(transfer) = self.get(&keys::unsettled(self.group, &id))? {
+                out.push(transfer);
             }
         }
         Ok(out)
     }
 
-    /// How many transfers are unsettled, counting index keys without reading the transfers.
-    pub fn unsettled_count(&self) -> io::Result<usize> {
-        Ok(self.scan(&keys::unsettled_all(self.group), usize::MAX)?.len())
+    /// How many transfers are unsettled.
+    pub fn unsettled_count(&self) -> usize {
+        self.pending.count(self.group)
     }
 
     /// Packets whose expiry time is at or before `now` and that are not closed yet.
@@ -305,7 +320,12 @@ impl StateReader<'_> {
             Ok(out)
         };
         let packets = read_all(keys::packet_all(self.group))?.iter().map(|v| codec::decode(v)).collect::<io::Result<_>>()?;
-        let transfers = read_all(keys::transfer_all(self.group))?.iter().map(|v| codec::decode(v)).collect::<io::Result<_>>()?;
+        let mut transfers = Vec::new();
+        for prefix in [keys::unsettled_all(self.group), keys::transfer_all(self.group)] {
+            for v in read_all(prefix)? {
+                transfers.push(codec::decode(&v)?);
+            }
+        }
         Ok((packets, transfers))
     }
 
@@ -316,4 +336,20 @@ impl StateReader<'_> {
             None => Ok(AppliedState::default()),
         }
     }
+}
+
+/// The ids of a group's unsettled transfers, from a scan of its `U` keys: done when the store
+/// opens and after a snapshot install, never on the settler's path.
+pub(crate) fn unsettled_ids(db: &DB, group: u32) -> io::Result<Vec<String>> {
+    let cf = db.cf_handle(keys::CF_SM).expect("cf sm");
+    let prefix = keys::unsettled_all(group);
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_upper_bound(keys::prefix_end(&prefix));
+    let mut ids = Vec::new();
+    for item in db.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward)) {
+        let (key, _) = item.map_err(io::Error::other)?;
+        let id = std::str::from_utf8(&key[prefix.len()..]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        ids.push(id.to_string());
+    }
+    Ok(ids)
 }

@@ -33,6 +33,7 @@ use serde::Serialize;
 use super::apply::Txn;
 use super::codec;
 use super::keys;
+use super::pending::PendingTransfers;
 use super::view::PacketViews;
 use crate::raft::Reply;
 use crate::raft::TypeConfig;
@@ -56,15 +57,23 @@ pub struct GroupStateMachine {
     snapshot_path: PathBuf,
     settle_wake: Arc<tokio::sync::Notify>,
     views: Arc<PacketViews>,
+    pending: Arc<PendingTransfers>,
     /// What the last apply committed, so the next one need not read and decode it again
     /// (`None`: read it from RocksDB).
     applied: Option<AppliedState>,
 }
 
 impl GroupStateMachine {
-    pub fn new(db: Arc<DB>, group: u32, snapshot_dir: PathBuf, settle_wake: Arc<tokio::sync::Notify>, views: Arc<PacketViews>) -> Self {
+    pub fn new(
+        db: Arc<DB>,
+        group: u32,
+        snapshot_dir: PathBuf,
+        settle_wake: Arc<tokio::sync::Notify>,
+        views: Arc<PacketViews>,
+        pending: Arc<PendingTransfers>,
+    ) -> Self {
         let snapshot_path = snapshot_dir.join(format!("group-{group:04}.snap"));
-        GroupStateMachine { db, group, snapshot_path, settle_wake, views, applied: None }
+        GroupStateMachine { db, group, snapshot_path, settle_wake, views, pending, applied: None }
     }
 
     pub fn group(&self) -> u32 {
@@ -219,13 +228,14 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             }
         }
         let wake = txn.recorded_funding();
-        let (mut batch, packets) = txn.into_batch()?;
+        let (mut batch, packets, pending) = txn.into_batch()?;
         let cf_meta = db.cf_handle(keys::CF_SM_META).expect("cf sm_meta");
         batch.put_cf(cf_meta, keys::group_prefix(self.group), codec::encode(&state)?);
         // Not synced: the log entries are already durable, and RocksDB's single WAL recovers
         // a prefix, so a crash loses at most a suffix of applies that Raft will redo.
         db.write(batch).map_err(io::Error::other)?;
         self.views.applied(self.group, packets);
+        self.pending.applied(self.group, pending);
         self.applied = Some(state);
         if wake {
             self.settle_wake.notify_one();
@@ -261,6 +271,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             opts.set_sync(true);
             db.write_opt(batch, &opts).map_err(io::Error::other)?;
             this.views.clear(this.group);
+            this.pending.load(this.group, super::unsettled_ids(db, this.group)?);
             this.write_snapshot_file(&meta, &snapshot)?;
             tracing::info!(group = this.group, bytes = snapshot.len(), last = ?meta.last_log_id, "installed snapshot");
             Ok(())
