@@ -67,13 +67,19 @@ const MIN_PASS_GAP: Duration = Duration::from_millis(20);
 /// every payment made about as many `Settle` entries as there were grab batches.
 const PASS_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Pending transfers of one group above which settlement stops waiting for the timer. At
+/// [`BATCH`] per [`PASS_INTERVAL`] a pass drains about 2,000 transfers a second per group,
+/// less than one group's grabs can record. Below this mark the payments of a burst (a hot
+/// packet sold out in half a second) settle over the next seconds, after the race, as
+/// WeChat credits balances asynchronously; above it passes follow each other, so under a
+/// sustained peak the backlog, and how late a payment arrives, stay bounded.
+const BACKLOG: usize = 64 * BATCH;
+
 /// Runs until aborted: settles and expires on every group this node leads. Settlement runs
 /// when an apply recorded a funding transfer (a create waits for it; at most every
 /// [`MIN_PASS_GAP`]), at least every [`PASS_INTERVAL`] (or `interval`, when shorter), and
-/// again after [`MIN_PASS_GAP`] while a pass leaves work behind (a group had a full
-/// [`BATCH`]): otherwise a backlog would drain at only `BATCH` per group per interval, about
-/// 2,000 transfers a second, below what one group's grabs can record; expiry every
-/// `interval`.
+/// again after [`MIN_PASS_GAP`] while a group has more than [`BACKLOG`] pending and the
+/// last pass settled something; expiry every `interval`.
 pub async fn run(groups: Arc<Groups>, store: Store, ledger: PaymentLedgerClient<Channel>, interval: Duration) {
     let mut last_expiry = tokio::time::Instant::now();
     let mut backlog = false;
@@ -116,14 +122,14 @@ pub async fn run(groups: Arc<Groups>, store: Store, ledger: PaymentLedgerClient<
 /// [`LEDGER_BATCH`] transfers, not two calls per group), then each group records its
 /// outcomes in its own `Settle` entry, side by side: a create waits for its funding, so a
 /// pass must not cost the sum of every group's round trips. `true` when a group had more
-/// pending than one pass takes and this pass settled something.
+/// than [`BACKLOG`] pending and this pass settled something.
 async fn settle_groups(led: &[(u32, &Raft)], store: &Store, ledger: PaymentLedgerClient<Channel>) -> anyhow::Result<bool> {
     // Each transfer with the index in `led` of the group it belongs to.
     let mut pending: Vec<(usize, Transfer)> = Vec::new();
     let mut backlog = false;
     for (slot, &(group, _)) in led.iter().enumerate() {
         let reader = store.reader(group);
-        backlog |= reader.unsettled_count() > BATCH;
+        backlog |= reader.unsettled_count() > BACKLOG;
         pending.extend(reader.unsettled(BATCH)?.into_iter().map(|t| (slot, t)));
     }
     if pending.is_empty() {
