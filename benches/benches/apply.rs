@@ -15,6 +15,9 @@ use redpacket_node::packet::Kind;
 use redpacket_node::packet::NewPacket;
 use redpacket_node::packet::PacketId;
 use redpacket_node::packet::Recipients;
+use redpacket_node::packet::transfer::Settlement;
+use redpacket_node::packet::transfer::fund_id;
+use redpacket_node::packet::transfer::pay_id;
 use redpacket_node::raft::Command;
 use redpacket_node::raft::SettledTransfer;
 use redpacket_node::raft::TypeConfig;
@@ -32,8 +35,8 @@ fn apply(c: &mut Criterion) {
     let packet_id = PacketId::derive("alice", "bench", 1_795_392_000_000);
     let create = Command::Create(new_packet(&packet_id, "bench"));
     let funded = Command::Settle(vec![SettledTransfer {
-        transfer_id: redpacket_node::packet::transfer::fund_id(&packet_id),
-        outcome: redpacket_node::packet::transfer::Settlement::Committed,
+        transfer_id: fund_id(&packet_id),
+        outcome: Settlement::Committed,
     }]);
     rt.block_on(sm.apply(stream::iter(vec![Ok((entry(1, create), None)), Ok((entry(2, funded), None))]))).unwrap();
     let mut index = 2u64;
@@ -76,8 +79,8 @@ fn apply_many(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     let funded = ids
         .iter()
         .map(|id| SettledTransfer {
-            transfer_id: redpacket_node::packet::transfer::fund_id(id),
-            outcome: redpacket_node::packet::transfer::Settlement::Committed,
+            transfer_id: fund_id(id),
+            outcome: Settlement::Committed,
         })
         .collect();
     setup.push(Ok((entry(index, Command::Settle(funded)), None)));
@@ -94,7 +97,7 @@ fn apply_many(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
             index += 1;
             let settled = unsettled
                 .drain(..)
-                .map(|transfer_id| SettledTransfer { transfer_id, outcome: redpacket_node::packet::transfer::Settlement::Committed })
+                .map(|transfer_id| SettledTransfer { transfer_id, outcome: Settlement::Committed })
                 .collect();
             batch.push(Ok((entry(index, Command::Settle(settled)), None)));
         }
@@ -105,7 +108,7 @@ fn apply_many(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
             let p = (state % PACKETS) as usize;
             index += 1;
             user += 1;
-            unsettled.push(redpacket_node::packet::transfer::pay_id(&ids[p], grabs[p]));
+            unsettled.push(pay_id(&ids[p], grabs[p]));
             grabs[p] += 1;
             let cmd = Command::Grab { packet_id: ids[p].clone(), user: format!("user-{user}"), at: 1_795_392_000_001, open: true };
             batch.push(Ok((entry(index, cmd), None)));

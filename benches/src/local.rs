@@ -140,9 +140,7 @@ impl LocalCluster {
         }
         Ok(f)
     }
-}
 
-impl LocalCluster {
     /// A meter of this process (`client`), the nodes (`nodes`) and the ledger (`ledger`).
     pub fn cpu_meter(&self) -> crate::cpu::CpuMeter {
         let mut meter = crate::cpu::CpuMeter::this_process();

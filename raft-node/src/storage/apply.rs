@@ -58,13 +58,11 @@ pub struct Txn<'a> {
     /// Whether this batch recorded a funding transfer: a create waits for it, so the
     /// leader's settler is woken at once (payments and refunds wait for its next pass).
     new_funding: bool,
-    /// Transfers this batch recorded and settled, for the in-memory pending set.
-    pending: PendingChange,
 }
 
 impl<'a> Txn<'a> {
     pub fn new(db: &'a DB, group: u32, views: &'a PacketViews) -> Self {
-        Txn { db, views, group, writes: HashMap::new(), packets: HashMap::new(), new_funding: false, pending: PendingChange::default() }
+        Txn { db, views, group, writes: HashMap::new(), packets: HashMap::new(), new_funding: false }
     }
 
     fn cf(&self) -> &'a rocksdb::ColumnFamily {
@@ -129,7 +127,6 @@ impl<'a> Txn<'a> {
     /// Records a new transfer as unsettled, for the leader to carry out.
     fn record_transfer(&mut self, transfer: &Transfer) -> io::Result<()> {
         self.put(keys::unsettled(self.group, &transfer.id), transfer)?;
-        self.pending.recorded.push(transfer.id.clone());
         self.new_funding |= transfer.kind == TransferKind::Fund;
         Ok(())
     }
@@ -140,14 +137,19 @@ impl<'a> Txn<'a> {
     }
 
     /// Hands the collected writes to the caller, who adds the metadata and commits, then
-    /// gives the packets written to the in-memory view and the transfer changes to the
-    /// pending set. Keys are distinct, so their order in
-    /// the batch does not matter. (Sorting them, so that each memtable insert starts near the
-    /// previous one, was tried: the sort cost as much as it saved.)
+    /// gives the packets written to the in-memory view and the `U` keys written and deleted
+    /// to the pending set. Keys are distinct, so their order in the batch does not matter.
+    /// (Sorting them, so that each memtable insert starts near the previous one, was tried:
+    /// the sort cost as much as it saved.)
     pub fn into_batch(self) -> io::Result<(WriteBatch, Vec<Arc<Packet>>, PendingChange)> {
         let cf = self.cf();
         let mut batch = WriteBatch::default();
+        let mut pending = PendingChange::default();
         for (key, value) in self.writes {
+            if let Some(id) = keys::parse_unsettled(self.group, &key) {
+                let ids = if value.is_some() { &mut pending.recorded } else { &mut pending.settled };
+                ids.push(id.to_string());
+            }
             match value {
                 Some(bytes) => batch.put_cf(cf, &key, &bytes),
                 None => batch.delete_cf(cf, &key),
@@ -160,7 +162,7 @@ impl<'a> Txn<'a> {
                 packets.push(staged.packet);
             }
         }
-        Ok((batch, packets, self.pending))
+        Ok((batch, packets, pending))
     }
 
     /// Applies one command. `Err` is a storage failure (the node must stop); a refused
@@ -327,7 +329,6 @@ impl<'a> Txn<'a> {
             transfer.settlement = s.outcome.clone();
             self.delete(pending_key);
             self.put(keys::transfer(g, &transfer.id), &transfer)?;
-            self.pending.settled.push(transfer.id.clone());
             if transfer.kind == TransferKind::Fund {
                 let committed = transfer.settlement == Settlement::Committed;
                 self.change_packet(&transfer.packet_id, |packet| (packet.funding_settled(committed), true))?;

@@ -18,8 +18,9 @@
 //! | `sm`       | 0 · `N` · node id (u64 BE)                       | (empty) retired node id    |
 //! | `node`     | `node_id` / `groups` / `format`                  | identity, value encoding   |
 //!
-//! A transfer lives under exactly one of `U` and `T`: recording one is a single write, the
-//! settler reads the pending ones with one scan of `U`, and settling moves it to `T`.
+//! A transfer lives under exactly one of `U` and `T`: recording one is a single write, and
+//! settling moves it to `T`. (The ids under `U` are also kept in memory, `super::pending`,
+//! so the settler never scans `U`.)
 //!
 //! Big-endian integers keep keys in numeric order, so a group's log is one contiguous range
 //! and `delete_range` purges or truncates it in one call. Packet ids have a fixed length, so
@@ -142,6 +143,12 @@ pub fn unsettled_all(group: u32) -> Vec<u8> {
     with_tag(group, TAG_UNSETTLED, &[])
 }
 
+/// The transfer id of an unsettled-transfer key of `group`; `None` for any other key.
+pub fn parse_unsettled(group: u32, key: &[u8]) -> Option<&str> {
+    let rest = key.strip_prefix(&group.to_be_bytes())?.strip_prefix(&[TAG_UNSETTLED])?;
+    std::str::from_utf8(rest).ok()
+}
+
 pub fn expiry(group: u32, expires_at: u64, id: &PacketId) -> Vec<u8> {
     with_tag(group, TAG_EXPIRY, &[&expires_at.to_be_bytes(), id.as_str().as_bytes()])
 }
@@ -187,5 +194,12 @@ mod tests {
         let b = PacketId::parse("20261123000000000000000000000002").unwrap();
         assert!(claim(3, &a, "zed").starts_with(&claims_of(3, &a)));
         assert!(!claim(3, &b, "zed").starts_with(&claims_of(3, &a)));
+    }
+
+    #[test]
+    fn unsettled_keys_give_back_their_transfer_id_and_only_they_do() {
+        assert_eq!(parse_unsettled(3, &unsettled(3, "pay:x:7")), Some("pay:x:7"));
+        assert_eq!(parse_unsettled(4, &unsettled(3, "pay:x:7")), None, "another group");
+        assert_eq!(parse_unsettled(3, &transfer(3, "pay:x:7")), None, "a settled transfer");
     }
 }

@@ -222,17 +222,7 @@ impl StateReader<'_> {
 
     /// Keys (and values) under `prefix`, at most `limit`.
     fn scan(&self, prefix: &[u8], limit: usize) -> io::Result<Vec<(Box<[u8]>, Box<[u8]>)>> {
-        let cf = self.db.cf_handle(keys::CF_SM).expect("cf sm");
-        let mut opts = ReadOptions::default();
-        opts.set_iterate_upper_bound(keys::prefix_end(prefix));
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward)) {
-            if out.len() >= limit {
-                break;
-            }
-            out.push(item.map_err(io::Error::other)?);
-        }
-        Ok(out)
+        scan(self.db, prefix, limit)
     }
 
     /// Transfers recorded but not yet settled, at most `limit`, in id order. The ids come
@@ -338,18 +328,30 @@ impl StateReader<'_> {
     }
 }
 
+/// Keys (and values) of the `sm` family under `prefix`, at most `limit`.
+fn scan(db: &DB, prefix: &[u8], limit: usize) -> io::Result<Vec<(Box<[u8]>, Box<[u8]>)>> {
+    let cf = db.cf_handle(keys::CF_SM).expect("cf sm");
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_upper_bound(keys::prefix_end(prefix));
+    let mut out = Vec::new();
+    for item in db.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward)) {
+        if out.len() >= limit {
+            break;
+        }
+        out.push(item.map_err(io::Error::other)?);
+    }
+    Ok(out)
+}
+
 /// The ids of a group's unsettled transfers, from a scan of its `U` keys: done when the store
 /// opens and after a snapshot install, never on the settler's path.
 pub(crate) fn unsettled_ids(db: &DB, group: u32) -> io::Result<Vec<String>> {
-    let cf = db.cf_handle(keys::CF_SM).expect("cf sm");
-    let prefix = keys::unsettled_all(group);
-    let mut opts = ReadOptions::default();
-    opts.set_iterate_upper_bound(keys::prefix_end(&prefix));
-    let mut ids = Vec::new();
-    for item in db.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward)) {
-        let (key, _) = item.map_err(io::Error::other)?;
-        let id = std::str::from_utf8(&key[prefix.len()..]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        ids.push(id.to_string());
-    }
-    Ok(ids)
+    scan(db, &keys::unsettled_all(group), usize::MAX)?
+        .iter()
+        .map(|(key, _)| {
+            keys::parse_unsettled(group, key)
+                .map(str::to_string)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unsettled-transfer key is not UTF-8"))
+        })
+        .collect()
 }
