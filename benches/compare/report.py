@@ -149,7 +149,10 @@ def main(meta_path, results_path):
             continue
         roles = list(ok[0]["result"]["cpu_us_per_grab"])
         cells = [statistics.median(r["result"]["cpu_us_per_grab"].get(role, 0.0) for r in ok) for role in roles]
-        cpu_rows.append((wl, roles, cells))
+        # The cluster's own counters over the race (absent in results of older binaries).
+        log = [statistics.median(r["result"][k] for r in ok) if all(k in r["result"] for r in ok) else None
+               for k in ("ops_per_entry", "wal_fsyncs_per_s")]
+        cpu_rows.append((wl, roles, cells, log))
     if cpu_rows:
         w("## Where redpacket's CPU goes")
         w("")
@@ -157,14 +160,17 @@ def main(meta_path, results_path):
           "the median of the valid runs. `nodes` is the three node processes together (each grab "
           "is applied on all three), `ledger` the payment stub, `client` the load generator. "
           f"The machine has {meta['nproc']} cores; a cluster saturates them at "
-          "1 s × cores / (CPU per grab).")
+          "1 s × cores / (CPU per grab). Over the same race, from the nodes' own counters: the "
+          "grabs and opens each `Batch` log entry carried, and the WAL fsyncs per second of the "
+          "three nodes together.")
         w("")
-        w("| workload | " + " | ".join(f"{role} µs" for role in cpu_rows[0][1]) + " | total µs | ceiling grabs/s |")
-        w("| --- | " + " | ".join("---:" for _ in cpu_rows[0][1]) + " | ---: | ---: |")
-        for wl, roles, cells in cpu_rows:
+        w("| workload | " + " | ".join(f"{role} µs" for role in cpu_rows[0][1]) + " | total µs | ceiling grabs/s | ops per log entry | fsyncs/s |")
+        w("| --- | " + " | ".join("---:" for _ in cpu_rows[0][1]) + " | ---: | ---: | ---: | ---: |")
+        for wl, roles, cells, (per_entry, fsyncs) in cpu_rows:
             total = sum(cells)
             ceiling = int(meta['nproc']) * 1e6 / total if total else 0
-            w(f"| {wl} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {total:.1f} | {ceiling:.0f} |")
+            log = (f"{per_entry:.1f}" if per_entry is not None else "—") + " | " + (f"{fsyncs:.0f}" if fsyncs is not None else "—")
+            w(f"| {wl} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {total:.1f} | {ceiling:.0f} | {log} |")
         w("")
 
     # Ratios within each run.

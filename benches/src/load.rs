@@ -19,6 +19,36 @@ use redpacket_client::Recipients;
 
 use crate::cpu::CpuMeter;
 use crate::cpu::CpuSample;
+use crate::local::ClusterFigures;
+use crate::local::LocalCluster;
+
+/// What a race measures of the systems under test, besides its own timings: sampled when
+/// the race starts and when it ends, so neither the set-up (creating the packets) nor the
+/// refusals after the race are counted.
+pub struct RaceMeter<'a> {
+    pub cpu: CpuMeter,
+    /// The local cluster's own counters (log entries, fsyncs), when the bench started it.
+    pub cluster: Option<&'a LocalCluster>,
+}
+
+impl RaceMeter<'_> {
+    /// Only this process's CPU (a peer, or a cluster the bench did not start).
+    pub fn this_process<'a>() -> RaceMeter<'a> {
+        RaceMeter { cpu: CpuMeter::this_process(), cluster: None }
+    }
+
+    /// Every process of a local cluster, and its counters.
+    pub fn cluster(cluster: &LocalCluster) -> RaceMeter<'_> {
+        RaceMeter { cpu: cluster.cpu_meter(), cluster: Some(cluster) }
+    }
+
+    async fn figures(&self) -> anyhow::Result<Option<ClusterFigures>> {
+        match self.cluster {
+            Some(c) => Ok(Some(c.figures().await?)),
+            None => Ok(None),
+        }
+    }
+}
 
 /// What a run measured.
 #[derive(Debug, Default)]
@@ -44,6 +74,8 @@ pub struct Outcome {
     pub verified: bool,
     /// CPU seconds each watched process (by role) spent during the race.
     pub cpu: CpuSample,
+    /// The local cluster's counters over the race, when the bench started the cluster.
+    pub cluster: Option<ClusterFigures>,
 }
 
 impl Outcome {
@@ -73,13 +105,32 @@ impl Outcome {
         format!("  CPU µs per grab: {} · {busy:.2} cores busy", per_grab.join(" · "))
     }
 
+    /// WAL fsyncs per second of the race, summed over the nodes.
+    pub fn fsyncs_per_second(&self) -> Option<f64> {
+        self.cluster.map(|c| c.wal_syncs / self.elapsed.as_secs_f64().max(1e-9))
+    }
+
+    fn cluster_line(&self) -> String {
+        match (self.cluster, self.fsyncs_per_second()) {
+            (Some(c), Some(per_s)) => format!(
+                "\n  cluster over the race (3 nodes): {:.0} Batch entries carrying {:.0} grabs/opens ({:.1} per entry) · {:.0} WAL fsyncs ({per_s:.0}/s) · {:.0} BUSY answers",
+                c.batches,
+                c.batched_ops,
+                c.ops_per_entry(),
+                c.wal_syncs,
+                c.admission_refused
+            ),
+            _ => String::new(),
+        }
+    }
+
     pub fn table(&self) -> String {
         let (p50, p99, p999) = Self::quantiles(&self.grab_latency);
         let (s50, s99, _) = Self::quantiles(&self.sold_out_latency);
         let (r50, r99, r999) = Self::quantiles(&self.refusal_latency);
         let (d50, d99, d999) = Self::quantiles(&self.duplicate_latency);
         format!(
-            "workload {} · {:.1} s · {} packets\n  grabs/s {:>10.0}   grabs {:>8}   attempts {:>8}   sold out {:>8}   busy {:>8}   errors {}\n  grab latency ms    p50 {p50:.2}  p99 {p99:.2}  p99.9 {p999:.2}\n  sold-out (in race) ms p50 {s50:.2}  p99 {s99:.2}\n  after sold out, ms: new user p50 {r50:.3} p99 {r99:.3} p99.9 {r999:.3} · repeat grab p50 {d50:.3} p99 {d99:.3} p99.9 {d999:.3}\n{}\n  money verified: {}",
+            "workload {} · {:.1} s · {} packets\n  grabs/s {:>10.0}   grabs {:>8}   attempts {:>8}   sold out {:>8}   busy {:>8}   errors {}\n  grab latency ms    p50 {p50:.2}  p99 {p99:.2}  p99.9 {p999:.2}\n  sold-out (in race) ms p50 {s50:.2}  p99 {s99:.2}\n  after sold out, ms: new user p50 {r50:.3} p99 {r99:.3} p99.9 {r999:.3} · repeat grab p50 {d50:.3} p99 {d99:.3} p99.9 {d999:.3}\n{}{}\n  money verified: {}",
             self.workload,
             self.elapsed.as_secs_f64(),
             self.packets,
@@ -90,6 +141,7 @@ impl Outcome {
             self.busy,
             self.errors,
             self.cpu_line(),
+            self.cluster_line(),
             if self.verified { "every packet's claims sum to its total" } else { "NO — this run is void" }
         )
     }
@@ -99,7 +151,7 @@ impl Outcome {
         let (s50, s99, _) = Self::quantiles(&self.sold_out_latency);
         let (r50, r99, _) = Self::quantiles(&self.refusal_latency);
         let (d50, d99, _) = Self::quantiles(&self.duplicate_latency);
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "workload": self.workload, "elapsed_s": self.elapsed.as_secs_f64(), "packets": self.packets,
             "grabs": self.grabs, "grabs_per_s": self.grabs_per_second(), "attempts": self.attempts,
             "sold_out": self.sold_out, "busy": self.busy, "errors": self.errors,
@@ -108,8 +160,14 @@ impl Outcome {
             "refusal_p50_ms": r50, "refusal_p99_ms": r99, "duplicate_p50_ms": d50, "duplicate_p99_ms": d99,
             "verified": self.verified,
             "cpu_us_per_grab": self.cpu_per_grab_us().into_iter().map(|(role, us)| (role.to_string(), serde_json::json!(us))).collect::<serde_json::Map<_, _>>(),
-        })
-        .to_string()
+        });
+        if let (Some(c), Some(per_s), Some(fields)) = (self.cluster, self.fsyncs_per_second(), json.as_object_mut()) {
+            fields.insert("log_entries".into(), c.batches.into());
+            fields.insert("ops_per_entry".into(), c.ops_per_entry().into());
+            fields.insert("wal_fsyncs".into(), c.wal_syncs.into());
+            fields.insert("wal_fsyncs_per_s".into(), per_s.into());
+        }
+        json.to_string()
     }
 }
 
@@ -195,7 +253,7 @@ pub async fn race<T: Target>(
     shares: u32,
     concurrency: usize,
     refusals: (u64, usize),
-    meter: &CpuMeter,
+    meter: &RaceMeter<'_>,
 ) -> anyhow::Result<Outcome> {
     // Set-up, not measured: created a few at a time (each create waits for its funding).
     let ids: Vec<String> = futures::stream::iter(0..packets)
@@ -211,7 +269,8 @@ pub async fn race<T: Target>(
     // Each task's histograms are made before the clock starts: a few hundred KB each, and
     // zeroing 512 of them took tens of milliseconds of the race's start.
     let histograms: Vec<_> = (0..concurrency).map(|_| (histogram(), histogram())).collect();
-    let cpu_before = meter.sample();
+    let figures_before = meter.figures().await?;
+    let cpu_before = meter.cpu.sample();
     let started = Instant::now();
     let reporter = {
         let tally = tally.clone();
@@ -284,8 +343,12 @@ pub async fn race<T: Target>(
         winners.extend(w);
     }
     let elapsed = started.elapsed();
-    let cpu = meter.sample().since(&cpu_before);
+    let cpu = meter.cpu.sample().since(&cpu_before);
     reporter.abort();
+    let cluster = match (meter.figures().await?, figures_before) {
+        (Some(after), Some(before)) => Some(after.since(before)),
+        _ => None,
+    };
     let after = refuse(target, &ids, Arc::new(winners), next_user.load(Ordering::Relaxed), refusals.1, refusals.0).await?;
     let verified = after.oversold == 0 && target.verify(&ids).await?;
     if after.oversold > 0 {
@@ -306,6 +369,7 @@ pub async fn race<T: Target>(
         duplicate_latency: Some(after.duplicate),
         verified,
         cpu,
+        cluster,
     })
 }
 

@@ -95,7 +95,7 @@ impl LocalCluster {
 }
 
 /// Counters summed over the nodes, read from their `/metrics`.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct ClusterFigures {
     pub wal_syncs: f64,
     pub batches: f64,
@@ -104,6 +104,11 @@ pub struct ClusterFigures {
 }
 
 impl ClusterFigures {
+    /// Grabs and opens per `Batch` log entry.
+    pub fn ops_per_entry(&self) -> f64 {
+        self.batched_ops / self.batches.max(1.0)
+    }
+
     pub fn since(self, before: ClusterFigures) -> ClusterFigures {
         ClusterFigures {
             wal_syncs: self.wal_syncs - before.wal_syncs,

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use clap::Subcommand;
-use redpacket_bench::cpu::CpuMeter;
 use redpacket_bench::load;
 use redpacket_bench::peers;
 use redpacket_bench::local::LocalCluster;
@@ -111,11 +110,11 @@ fn main() -> anyhow::Result<()> {
             let outcome = match cli.target {
                 TargetKind::Postgres => {
                     let pg = peers::postgres::Postgres::connect(&cli.pg, cli.pool).await?;
-                    run_workload(&pg, &command, cli.concurrency, (cli.refusals, cli.refusal_concurrency), &CpuMeter::this_process()).await?
+                    run_workload(&pg, &command, cli.concurrency, (cli.refusals, cli.refusal_concurrency), &load::RaceMeter::this_process()).await?
                 }
                 TargetKind::Redis => {
                     let redis = peers::redis::Redis::connect(&cli.redis, cli.pool).await?;
-                    run_workload(&redis, &command, cli.concurrency, (cli.refusals, cli.refusal_concurrency), &CpuMeter::this_process()).await?
+                    run_workload(&redis, &command, cli.concurrency, (cli.refusals, cli.refusal_concurrency), &load::RaceMeter::this_process()).await?
                 }
                 TargetKind::Redpacket => unreachable!("handled below"),
             };
@@ -147,26 +146,9 @@ fn main() -> anyhow::Result<()> {
                 anyhow::ensure!(outcome.reconciled, "the run lost or invented money: void");
                 return Ok(());
             }
-            let before = match &local {
-                Some(c) => Some(c.figures().await?),
-                None => None,
-            };
-            let meter = local.as_ref().map_or_else(CpuMeter::this_process, LocalCluster::cpu_meter);
+            let meter = local.as_ref().map_or_else(load::RaceMeter::this_process, load::RaceMeter::cluster);
             let outcome = run_workload(&load::Redpacket(client), &command, cli.concurrency, (cli.refusals, cli.refusal_concurrency), &meter).await?;
-            if let (Some(c), Some(before)) = (&local, before) {
-                // Sampled once a second by the nodes, so wait for the last sample.
-                tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-                let d = c.figures().await?.since(before);
-                eprintln!(
-                    "cluster during the run (3 nodes, race and refusals): {:.0} Batch entries carrying {:.0} grabs/opens ({:.1} per entry); {:.0} WAL fsyncs ({:.0}/s over the race); {:.0} BUSY answers",
-                    d.batches,
-                    d.batched_ops,
-                    d.batched_ops / d.batches.max(1.0),
-                    d.wal_syncs,
-                    d.wal_syncs / outcome.elapsed.as_secs_f64().max(1e-9),
-                    d.admission_refused
-                );
-            }
+            drop(meter);
             drop(local);
             report(&outcome)
         }),
@@ -178,7 +160,7 @@ async fn run_workload<T: load::Target>(
     command: &Cmd,
     concurrency: usize,
     refusals: (u64, usize),
-    meter: &CpuMeter,
+    meter: &load::RaceMeter<'_>,
 ) -> anyhow::Result<load::Outcome> {
     match command {
         Cmd::Hot { shares } => load::race(target, "hot", 1, *shares, concurrency, refusals, meter).await,

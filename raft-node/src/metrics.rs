@@ -158,6 +158,9 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        // Read at scrape time (one atomic load), so a scrape right after a burst counts its
+        // fsyncs: the load generator reads it just before and just after a race.
+        self.wal_syncs.set(crate::storage::wal_sync::syncs() as i64);
         let mut buf = Vec::new();
         let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
