@@ -95,7 +95,7 @@ impl LocalCluster {
 }
 
 /// Counters summed over the nodes, read from their `/metrics`.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct ClusterFigures {
     pub wal_syncs: f64,
     pub batches: f64,
