@@ -122,10 +122,9 @@ impl Metrics {
         self.admission_refused.inc();
     }
 
-    /// Samples Raft and storage figures.
+    /// Samples Raft and storage figures (the fsync count is read at each scrape, in [`Metrics::render`]).
     pub fn sample(&self, groups: &Groups, store: &Store) {
         let me = groups.node_id();
-        self.wal_syncs.set(crate::storage::wal_sync::syncs() as i64);
         for (group, raft) in groups.all() {
             let g = group.to_string();
             let m = raft.metrics().borrow_watched().clone();

@@ -340,10 +340,11 @@ fn deposit_in(st: &mut Staging, deposit_id: &str, account: &str, amount: Cents) 
     let mut acc = st.account(account)?.unwrap_or_default();
     acc.available = acc.available.checked_add(amount).ok_or_else(|| LedgerError::Overflow(account.into()))?;
     let deposited: u128 = st.get(DEPOSITED)?.unwrap_or(0);
+    let deposited = deposited.checked_add(u128::from(amount)).ok_or_else(|| LedgerError::Overflow(account.into()))?;
     let mut change = Change::default();
     change.put(key, &wanted)?;
     change.put(format!("{ACCOUNT}{account}"), &acc)?;
-    change.put(DEPOSITED.to_string(), &(deposited + u128::from(amount)))?;
+    change.put(DEPOSITED.to_string(), &deposited)?;
     st.put_all(change);
     Ok(acc)
 }
@@ -390,8 +391,7 @@ fn commit_in(st: &mut Staging, id: &str) -> Result<Transfer> {
         TransferState::Aborted => return Err(LedgerError::Aborted(id.to_string())),
         TransferState::Prepared => {}
     }
-    let mut from = st.account(&transfer.from)?.ok_or_else(|| storage(format!("{id}: source account vanished")))?;
-    from.held = from.held.checked_sub(transfer.amount).ok_or_else(|| storage(format!("{id}: hold missing")))?;
+    let from = release_hold(st, &transfer)?;
     let mut to = st.account(&transfer.to)?.unwrap_or_default();
     to.available = to.available.checked_add(transfer.amount).ok_or_else(|| LedgerError::Overflow(transfer.to.clone()))?;
     transfer.state = TransferState::Committed;
@@ -401,6 +401,14 @@ fn commit_in(st: &mut Staging, id: &str) -> Result<Transfer> {
     change.put(key, &transfer)?;
     st.put_all(change);
     Ok(transfer)
+}
+
+/// The source account of a prepared transfer, with the transfer's hold taken off.
+fn release_hold(st: &Staging, transfer: &Transfer) -> Result<Account> {
+    let id = &transfer.id;
+    let mut from = st.account(&transfer.from)?.ok_or_else(|| storage(format!("{id}: source account vanished")))?;
+    from.held = from.held.checked_sub(transfer.amount).ok_or_else(|| storage(format!("{id}: hold missing")))?;
+    Ok(from)
 }
 
 fn abort_in(st: &mut Staging, id: &str) -> Result<Transfer> {
@@ -418,8 +426,7 @@ fn abort_in(st: &mut Staging, id: &str) -> Result<Transfer> {
         TransferState::Committed => return Err(LedgerError::Committed(id.to_string())),
         TransferState::Prepared => {}
     }
-    let mut from = st.account(&transfer.from)?.ok_or_else(|| storage(format!("{id}: source account vanished")))?;
-    from.held = from.held.checked_sub(transfer.amount).ok_or_else(|| storage(format!("{id}: hold missing")))?;
+    let mut from = release_hold(st, &transfer)?;
     from.available = from.available.checked_add(transfer.amount).ok_or_else(|| LedgerError::Overflow(transfer.from.clone()))?;
     transfer.state = TransferState::Aborted;
     let mut change = Change::default();
