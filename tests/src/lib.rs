@@ -142,8 +142,32 @@ fn spawn(binary: &PathBuf, args: &[&std::ffi::OsStr], log_path: &PathBuf) -> any
 }
 
 /// A port nobody listens on right now.
+/// Loopback ports are handed out from this range, below Linux's ephemeral range (32768 and
+/// up), so neither the kernel's choice for a client connection nor `bind(0)` can take one.
+const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
+
+/// A loopback port that no other cluster of this test process was or will be given.
+///
+/// Asking the kernel (`bind(0)`) is not enough: a port is free again the moment a node is
+/// killed, so a cluster started by a test running alongside could take the port of a node
+/// that is down for a restart, and the restarted node would not get it back. Ports here come
+/// from a counter instead, each probed with a bind first (another process may hold it); the
+/// counter starts at an offset derived from the process id, so two test processes on the same
+/// machine start far apart.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    use std::sync::atomic::AtomicU32;
+    use std::sync::atomic::Ordering;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(PORT_RANGE.end - PORT_RANGE.start);
+    let _ = NEXT.compare_exchange(u32::MAX, std::process::id().wrapping_mul(97) % span, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = PORT_RANGE.start + offset as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {PORT_RANGE:?}");
 }
 
 impl Cluster {
