@@ -54,6 +54,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
         payment: config.payment.clone(),
         ledger: crate::settlement::ledger_client(&config.payment.endpoint)?,
         stopping: Default::default(),
+        draining: tokio::sync::watch::Sender::new(false),
         batchers: crate::service::batcher::Batchers::start(&groups, metrics.clone()),
         metrics,
     });
@@ -133,6 +134,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
                     b.abort();
                 }
                 hand_over_leaderships(&ctx.groups, Duration::from_secs(10)).await;
+                ctx.draining.send_replace(true);
             }
         })
         .await?;

@@ -4,18 +4,29 @@
 //! message names its group so the receiver can route it. Raft messages are encoded with
 //! [`crate::storage::codec`] into an opaque payload, which keeps the protobuf schema
 //! independent of openraft's internal types.
+//!
+//! Replication goes over one long-lived `StreamAppend` stream per group and follower
+//! ([`PeerConnection::stream_append`]): a request is a message on the stream, not a gRPC call
+//! of its own (no new HTTP/2 stream, headers and trailers per request), and the leader sends
+//! the next request without waiting for the reply to the last.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
+use std::time::Instant;
+
+use futures::StreamExt;
 
 use openraft::OptionalSend;
 use openraft::RaftNetworkFactory;
 use openraft::RaftNetworkV2;
 use openraft::alias::SnapshotOf;
 use openraft::alias::VoteOf;
+use openraft::base::BoxFuture;
+use openraft::base::BoxStream;
 use openraft::errors::NetworkError;
 use openraft::errors::RPCError;
 use openraft::errors::ReplicationClosed;
@@ -26,6 +37,7 @@ use openraft::network::RPCOption;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
+use openraft::raft::StreamAppendResult;
 use openraft::raft::TransferLeaderRequest;
 use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
@@ -46,6 +58,7 @@ use crate::auth::BearerToken;
 use super::Node;
 use super::NodeId;
 use super::TypeConfig;
+use crate::service::transport::GROUP_METADATA;
 use crate::storage::codec;
 use crate::storage::state_machine::SnapshotData;
 
@@ -187,6 +200,73 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         let req = self.request(&rpc, &option)?;
         let reply = self.client()?.append_entries(req).await.map_err(|s| from_status(self.target, s))?;
         from_reply(self.target, reply.into_inner())
+    }
+
+    /// Replication to the follower: openraft's requests go out as messages of one
+    /// `StreamAppend` stream, and the replies come back in order. The stream lives as long as
+    /// openraft's replication session; it ends with an error when a reply is late (older
+    /// than the RPC option's hard TTL, as a single call's deadline would be), when the
+    /// transport fails, or when the follower refuses (conflict, higher vote), and openraft
+    /// then opens a new one.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>>
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let mut client = self.client()?;
+            let (group, target, ttl) = (self.group, self.target, option.hard_ttl());
+            // When each request still unanswered was handed to the transport, oldest first.
+            let unanswered = Arc::new(Mutex::new(VecDeque::<Instant>::new()));
+            let sent = unanswered.clone();
+            let requests = tokio_stream::StreamExt::map_while(input, move |rpc| {
+                if isolated() {
+                    return None;
+                }
+                let payload = codec::encode(&rpc)
+                    .inspect_err(|e| tracing::error!(group, error = %e, "append request not encodable: stream ended"))
+                    .ok()?;
+                sent.lock().expect("unanswered lock").push_back(Instant::now());
+                Some(RaftRequest { group, payload })
+            });
+            let mut request = tonic::Request::new(requests);
+            request.metadata_mut().insert(GROUP_METADATA, group.into());
+            let replies = client.stream_append(request).await.map_err(|s| from_status(target, s))?.into_inner();
+            let replies = futures::stream::unfold(Some(replies), move |replies| {
+                let unanswered = unanswered.clone();
+                async move {
+                    let mut replies = replies?;
+                    let reply = loop {
+                        // Wait for the next reply until the oldest unanswered request is `ttl`
+                        // old; when none is, look again every `ttl` (one may be sent meanwhile).
+                        let oldest = unanswered.lock().expect("unanswered lock").front().copied();
+                        let wait = match oldest {
+                            Some(sent) if sent.elapsed() >= ttl => {
+                                let late = unreachable(format!("node {target}: no append reply within {ttl:?}"));
+                                return Some((Err(late), None));
+                            }
+                            Some(sent) => ttl.saturating_sub(sent.elapsed()),
+                            None => ttl,
+                        };
+                        if let Ok(reply) = tokio::time::timeout(wait, replies.next()).await {
+                            break reply;
+                        }
+                    };
+                    unanswered.lock().expect("unanswered lock").pop_front();
+                    let result = match reply? {
+                        Ok(reply) => from_reply::<StreamAppendResult<TypeConfig>>(target, reply),
+                        Err(status) => Err(from_status(target, status)),
+                    };
+                    // After an error or a refusal the stream is over.
+                    let go_on = matches!(result, Ok(Ok(_)));
+                    Some((result, go_on.then_some(replies)))
+                }
+            });
+            Ok(replies.boxed())
+        })
     }
 
     async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {

@@ -38,6 +38,10 @@ pub struct NodeContext {
     pub batchers: batcher::Batchers,
     /// Set when the node is shutting down: it hands its leaderships over and takes no more.
     pub stopping: std::sync::atomic::AtomicBool,
+    /// Set to true once the leaderships are handed over and the server drains: the peers'
+    /// replication streams into this node end then, since a graceful server stop waits for
+    /// every open stream, and a leader keeps its stream to a follower open indefinitely.
+    pub draining: tokio::sync::watch::Sender<bool>,
 }
 
 /// How long a request waits for its group to elect a leader before answering UNAVAILABLE.

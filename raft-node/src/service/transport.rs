@@ -1,12 +1,19 @@
 //! The receiving side of the Raft transport (`redpacket.raft.v1.RaftTransport`): decodes a
 //! peer's message and hands it to the named group's Raft.
+//!
+//! A leader replicates to this node over one `StreamAppend` stream per group: each request is
+//! a message on the stream, not a call of its own, and openraft's `Raft::stream_append`
+//! pipelines them into the group and answers in order.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
+use futures::Stream;
 use futures::StreamExt;
 use openraft::alias::SnapshotMetaOf;
 use openraft::alias::SnapshotOf;
 use openraft::alias::VoteOf;
+use openraft::raft::AppendEntriesRequest;
 use redpacket_proto::raft::RaftReply;
 use redpacket_proto::raft::RaftRequest;
 use redpacket_proto::raft::SnapshotChunk;
@@ -51,12 +58,61 @@ fn reply<T: Serialize, E: std::fmt::Display>(result: Result<T, E>) -> Result<Res
     Ok(Response::new(reply))
 }
 
+/// The metadata key naming the group of a `StreamAppend` stream.
+pub const GROUP_METADATA: &str = "redpacket-group";
+
 fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, Status> {
     codec::decode(payload).map_err(|e| Status::invalid_argument(format!("payload: {e}")))
 }
 
 #[tonic::async_trait]
 impl RaftTransport for TransportService {
+    type StreamAppendStream = Pin<Box<dyn Stream<Item = Result<RaftReply, Status>> + Send + 'static>>;
+
+    async fn stream_append(
+        &self,
+        request: Request<Streaming<RaftRequest>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        let group = request
+            .metadata()
+            .get(GROUP_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+            .ok_or_else(|| Status::invalid_argument(format!("{GROUP_METADATA}: missing or not a group number")))?;
+        let raft = self.raft(group)?.clone();
+        let mut draining = self.ctx.draining.subscribe();
+        if *draining.borrow() {
+            return Err(Status::unavailable(format!("node {} is stopping", self.ctx.node_id)));
+        }
+        // The requests, decoded, until the leader ends the stream, a message is not a request
+        // of this group, or this node is cut off (raft-isolate): then the stream ends, after
+        // the replies to what came before, and the leader opens a new one.
+        let requests = tokio_stream::StreamExt::map_while(request.into_inner(), move |message| {
+            let message = message.ok()?;
+            if message.group != group || crate::raft::network::isolated() {
+                return None;
+            }
+            codec::decode::<AppendEntriesRequest<TypeConfig>>(&message.payload)
+                .inspect_err(|e| tracing::warn!(group, error = %e, "undecodable append request ends the stream"))
+                .ok()
+        });
+        let replies = raft.stream_append(requests).map(|result| {
+            Ok(match result {
+                Ok(appended) => RaftReply {
+                    payload: codec::encode(&appended).map_err(|e| Status::internal(e.to_string()))?,
+                    error: String::new(),
+                },
+                Err(fatal) => RaftReply { payload: Vec::new(), error: fatal.to_string() },
+            })
+        });
+        // Ended when this node's server drains, so that its graceful stop need not wait for the
+        // leader to close the stream (the leader then opens a new one, to the new server).
+        let drained = async move {
+            let _ = draining.wait_for(|draining| *draining).await;
+        };
+        Ok(Response::new(Box::pin(replies.take_until(drained))))
+    }
+
     async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let raft = self.raft(req.group)?;
