@@ -329,3 +329,81 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         Some(Backoff::new(std::iter::repeat(Duration::from_millis(200))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use redpacket_proto::raft::raft_transport_server::RaftTransport;
+    use redpacket_proto::raft::raft_transport_server::RaftTransportServer;
+    use tonic::Request;
+    use tonic::Response;
+    use tonic::Status;
+    use tonic::Streaming;
+
+    use super::*;
+
+    /// A follower that takes every append request of a stream and answers none of them.
+    struct Silent;
+
+    fn unimplemented<T>() -> Result<Response<T>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    #[tonic::async_trait]
+    impl RaftTransport for Silent {
+        type StreamAppendStream = futures::stream::BoxStream<'static, Result<RaftReply, Status>>;
+
+        async fn stream_append(&self, request: Request<Streaming<RaftRequest>>) -> Result<Response<Self::StreamAppendStream>, Status> {
+            let requests = request.into_inner();
+            let silence = futures::stream::unfold(requests, |mut requests| async move {
+                while let Some(Ok(_)) = requests.next().await {}
+                None
+            });
+            Ok(Response::new(silence.boxed()))
+        }
+        async fn append_entries(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            unimplemented()
+        }
+        async fn vote(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            unimplemented()
+        }
+        async fn pre_vote(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            unimplemented()
+        }
+        async fn transfer_leader(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            unimplemented()
+        }
+        async fn install_snapshot(&self, _: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftReply>, Status> {
+            unimplemented()
+        }
+    }
+
+    /// A follower that stops answering must not hold replication forever: the stream ends as
+    /// unreachable once a request has waited the RPC deadline, as a unary call would have.
+    #[tokio::test]
+    async fn a_stream_whose_follower_stops_answering_ends_as_unreachable() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftTransportServer::new(Silent))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let mut network = GroupNetwork::new(7, Arc::new(PeerChannels::new(None, None)));
+        let mut follower = network.new_client(2, &Node { addr: addr.to_string() }).await;
+        let request =
+            AppendEntriesRequest::<TypeConfig> { vote: openraft::Vote::new(1, 1), prev_log_id: None, entries: Vec::new(), leader_commit: None };
+        // The request stream stays open after the one request, as openraft's does.
+        let requests = futures::stream::iter([request]).chain(futures::stream::pending());
+        let ttl = Duration::from_millis(300);
+        let started = Instant::now();
+        let mut replies = follower.stream_append(Box::pin(requests), RPCOption::new(ttl)).await.expect("stream opens");
+        let first = tokio::time::timeout(Duration::from_secs(5), replies.next()).await.expect("an answer within 5 s");
+        let waited = started.elapsed();
+        match first {
+            Some(Err(RPCError::Unreachable(e))) => assert!(e.to_string().contains("no append reply"), "{e}"),
+            other => panic!("expected unreachable, got {other:?}"),
+        }
+        assert!(waited >= ttl, "gave up after {waited:?}, before the deadline {ttl:?}");
+        assert!(replies.next().await.is_none(), "the stream is over after the error");
+    }
+}
