@@ -234,7 +234,13 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             });
             let mut request = tonic::Request::new(requests);
             request.metadata_mut().insert(GROUP_METADATA, group.into());
-            let replies = client.stream_append(request).await.map_err(|s| from_status(target, s))?.into_inner();
+            // Opening is bounded too: a follower that accepts the connection but never
+            // answers the stream's headers must not hold replication.
+            let replies = tokio::time::timeout(ttl, client.stream_append(request))
+                .await
+                .map_err(|_| unreachable(format!("node {target}: append stream not opened within {ttl:?}")))?
+                .map_err(|s| from_status(target, s))?
+                .into_inner();
             let replies = futures::stream::unfold(Some(replies), move |replies| {
                 let unanswered = unanswered.clone();
                 async move {
