@@ -130,7 +130,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
                     .max_encoding_message_size(MAX_RAFT_MESSAGE)
             })
             .map_err(|e| e.to_string());
-        PeerConnection { group: self.group, target, client }
+        PeerConnection { group: self.group, target, client, unary_appends: false }
     }
 }
 
@@ -139,6 +139,10 @@ pub struct PeerConnection {
     group: u32,
     target: NodeId,
     client: Result<RaftTransportClient<PeerChannel>, String>,
+    /// Set once the peer answered `StreamAppend` with UNIMPLEMENTED (a node of an earlier
+    /// version, during a rolling upgrade): replication to it then goes one unary
+    /// `AppendEntries` call at a time, as before streaming.
+    unary_appends: bool,
 }
 
 fn unreachable(msg: impl ToString) -> RPCError<TypeConfig> {
@@ -216,6 +220,9 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     where
         S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
     {
+        if self.unary_appends {
+            return openraft::network::stream_append_sequential(self, input, option);
+        }
         Box::pin(async move {
             let mut client = self.client()?;
             let (group, target, ttl) = (self.group, self.target, option.hard_ttl());
@@ -239,7 +246,13 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             let replies = tokio::time::timeout(ttl, client.stream_append(request))
                 .await
                 .map_err(|_| unreachable(format!("node {target}: append stream not opened within {ttl:?}")))?
-                .map_err(|s| from_status(target, s))?
+                .map_err(|status| {
+                    if status.code() == tonic::Code::Unimplemented {
+                        tracing::info!(group, target, "peer does not stream appends: one call per request from now on");
+                        self.unary_appends = true;
+                    }
+                    from_status(target, status)
+                })?
                 .into_inner();
             let replies = futures::stream::unfold(Some(replies), move |replies| {
                 let unanswered = unanswered.clone();
@@ -383,23 +396,82 @@ mod tests {
         }
     }
 
-    /// A follower that stops answering must not hold replication forever: the stream ends as
-    /// unreachable once a request has waited the RPC deadline, as a unary call would have.
-    #[tokio::test]
-    async fn a_stream_whose_follower_stops_answering_ends_as_unreachable() {
+    /// A follower of an earlier version: no `StreamAppend`, one unary `AppendEntries` per request.
+    struct Unary;
+
+    #[tonic::async_trait]
+    impl RaftTransport for Unary {
+        type StreamAppendStream = futures::stream::BoxStream<'static, Result<RaftReply, Status>>;
+
+        async fn stream_append(&self, _: Request<Streaming<RaftRequest>>) -> Result<Response<Self::StreamAppendStream>, Status> {
+            unimplemented()
+        }
+        async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            let _: AppendEntriesRequest<TypeConfig> = codec::decode(&request.into_inner().payload).expect("an append request");
+            let payload = codec::encode(&AppendEntriesResponse::<TypeConfig>::Success).expect("encodes");
+            Ok(Response::new(RaftReply { payload, error: String::new() }))
+        }
+        async fn vote(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            unimplemented()
+        }
+        async fn pre_vote(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            unimplemented()
+        }
+        async fn transfer_leader(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            unimplemented()
+        }
+        async fn install_snapshot(&self, _: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftReply>, Status> {
+            unimplemented()
+        }
+    }
+
+    async fn serve(transport: impl RaftTransport) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(RaftTransportServer::new(Silent))
+                .add_service(RaftTransportServer::new(transport))
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
         );
+        addr.to_string()
+    }
+
+    fn heartbeat() -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest { vote: openraft::Vote::new(1, 1), prev_log_id: None, entries: Vec::new(), leader_commit: None }
+    }
+
+    /// During a rolling upgrade a follower may not know `StreamAppend` yet: the first session
+    /// fails, and from then on replication to it goes one unary call per request.
+    #[tokio::test]
+    async fn a_peer_without_streams_is_replicated_to_one_call_at_a_time() {
+        let addr = serve(Unary).await;
         let mut network = GroupNetwork::new(7, Arc::new(PeerChannels::new(None, None)));
-        let mut follower = network.new_client(2, &Node { addr: addr.to_string() }).await;
-        let request =
-            AppendEntriesRequest::<TypeConfig> { vote: openraft::Vote::new(1, 1), prev_log_id: None, entries: Vec::new(), leader_commit: None };
+        let mut follower = network.new_client(2, &Node { addr }).await;
+        let option = RPCOption::new(Duration::from_secs(2));
+        let first = follower.stream_append(Box::pin(futures::stream::iter([heartbeat()])), option.clone()).await.map(|_| ());
+        assert!(first.is_err(), "the first session fails on UNIMPLEMENTED");
+        let mut replies = follower
+            .stream_append(Box::pin(futures::stream::iter([heartbeat(), heartbeat()])), option)
+            .await
+            .expect("the next session opens");
+        for _ in 0..2 {
+            match replies.next().await {
+                Some(Ok(Ok(_))) => {}
+                other => panic!("expected an accepted append, got {other:?}"),
+            }
+        }
+        assert!(replies.next().await.is_none(), "one reply per request");
+    }
+
+    /// A follower that stops answering must not hold replication forever: the stream ends as
+    /// unreachable once a request has waited the RPC deadline, as a unary call would have.
+    #[tokio::test]
+    async fn a_stream_whose_follower_stops_answering_ends_as_unreachable() {
+        let addr = serve(Silent).await;
+        let mut network = GroupNetwork::new(7, Arc::new(PeerChannels::new(None, None)));
+        let mut follower = network.new_client(2, &Node { addr }).await;
         // The request stream stays open after the one request, as openraft's does.
-        let requests = futures::stream::iter([request]).chain(futures::stream::pending());
+        let requests = futures::stream::iter([heartbeat()]).chain(futures::stream::pending());
         let ttl = Duration::from_millis(300);
         let started = Instant::now();
         let mut replies = follower.stream_append(Box::pin(requests), RPCOption::new(ttl)).await.expect("stream opens");
