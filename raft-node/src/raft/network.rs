@@ -15,6 +15,8 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -130,7 +132,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
                     .max_encoding_message_size(MAX_RAFT_MESSAGE)
             })
             .map_err(|e| e.to_string());
-        PeerConnection { group: self.group, target, client, unary_appends: false }
+        PeerConnection { group: self.group, target, client, unary_appends: Arc::default() }
     }
 }
 
@@ -141,8 +143,9 @@ pub struct PeerConnection {
     client: Result<RaftTransportClient<PeerChannel>, String>,
     /// Set once the peer answered `StreamAppend` with UNIMPLEMENTED (a node of an earlier
     /// version, during a rolling upgrade): replication to it then goes one unary
-    /// `AppendEntries` call at a time, as before streaming.
-    unary_appends: bool,
+    /// `AppendEntries` call at a time, as before streaming. Cleared by a failed call (the peer
+    /// may be restarting, upgraded), so the next session tries a stream again.
+    unary_appends: Arc<AtomicBool>,
 }
 
 fn unreachable(msg: impl ToString) -> RPCError<TypeConfig> {
@@ -220,8 +223,17 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     where
         S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
     {
-        if self.unary_appends {
-            return openraft::network::stream_append_sequential(self, input, option);
+        if self.unary_appends.load(Ordering::Relaxed) {
+            let unary_appends = self.unary_appends.clone();
+            return Box::pin(async move {
+                let replies = openraft::network::stream_append_sequential(self, input, option).await?;
+                let replies = replies.inspect(move |reply| {
+                    if reply.is_err() {
+                        unary_appends.store(false, Ordering::Relaxed);
+                    }
+                });
+                Ok(replies.boxed())
+            });
         }
         Box::pin(async move {
             let mut client = self.client()?;
@@ -249,7 +261,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                 .map_err(|status| {
                     if status.code() == tonic::Code::Unimplemented {
                         tracing::info!(group, target, "peer does not stream appends: one call per request from now on");
-                        self.unary_appends = true;
+                        self.unary_appends.store(true, Ordering::Relaxed);
                     }
                     from_status(target, status)
                 })?
@@ -396,17 +408,28 @@ mod tests {
         }
     }
 
-    /// A follower of an earlier version: no `StreamAppend`, one unary `AppendEntries` per request.
-    struct Unary;
+    /// A follower of an earlier version: no `StreamAppend`, one unary `AppendEntries` per
+    /// request. It counts the streams it was asked for, and fails its unary call number
+    /// `fail_call` (counting from 1) as a restarting node would.
+    #[derive(Clone, Default)]
+    struct Unary {
+        streams_asked: Arc<std::sync::atomic::AtomicUsize>,
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+        fail_call: usize,
+    }
 
     #[tonic::async_trait]
     impl RaftTransport for Unary {
         type StreamAppendStream = futures::stream::BoxStream<'static, Result<RaftReply, Status>>;
 
         async fn stream_append(&self, _: Request<Streaming<RaftRequest>>) -> Result<Response<Self::StreamAppendStream>, Status> {
+            self.streams_asked.fetch_add(1, Ordering::SeqCst);
             unimplemented()
         }
         async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_call {
+                return Err(Status::unavailable("restarting"));
+            }
             let _: AppendEntriesRequest<TypeConfig> = codec::decode(&request.into_inner().payload).expect("an append request");
             let payload = codec::encode(&AppendEntriesResponse::<TypeConfig>::Success).expect("encodes");
             Ok(Response::new(RaftReply { payload, error: String::new() }))
@@ -441,17 +464,19 @@ mod tests {
     }
 
     /// During a rolling upgrade a follower may not know `StreamAppend` yet: the first session
-    /// fails, and from then on replication to it goes one unary call per request.
+    /// fails, and from then on replication to it goes one unary call per request, until a call
+    /// fails (the follower may be restarting, upgraded): then a stream is tried again.
     #[tokio::test]
     async fn a_peer_without_streams_is_replicated_to_one_call_at_a_time() {
-        let addr = serve(Unary).await;
+        let peer = Unary { fail_call: 3, ..Default::default() };
+        let addr = serve(peer.clone()).await;
         let mut network = GroupNetwork::new(7, Arc::new(PeerChannels::new(None, None)));
         let mut follower = network.new_client(2, &Node { addr }).await;
         let option = RPCOption::new(Duration::from_secs(2));
         let first = follower.stream_append(Box::pin(futures::stream::iter([heartbeat()])), option.clone()).await.map(|_| ());
         assert!(first.is_err(), "the first session fails on UNIMPLEMENTED");
         let mut replies = follower
-            .stream_append(Box::pin(futures::stream::iter([heartbeat(), heartbeat()])), option)
+            .stream_append(Box::pin(futures::stream::iter([heartbeat(), heartbeat()])), option.clone())
             .await
             .expect("the next session opens");
         for _ in 0..2 {
@@ -461,6 +486,16 @@ mod tests {
             }
         }
         assert!(replies.next().await.is_none(), "one reply per request");
+        drop(replies);
+        assert_eq!(peer.streams_asked.load(Ordering::SeqCst), 1, "no stream tried while calls succeed");
+
+        // The third call fails: the session ends, and the next one tries a stream again.
+        let mut replies = follower.stream_append(Box::pin(futures::stream::iter([heartbeat()])), option.clone()).await.unwrap();
+        assert!(matches!(replies.next().await, Some(Err(_))), "the failed call ends the session");
+        drop(replies);
+        let again = follower.stream_append(Box::pin(futures::stream::iter([heartbeat()])), option).await.map(|_| ());
+        assert!(again.is_err(), "the peer still has no streams");
+        assert_eq!(peer.streams_asked.load(Ordering::SeqCst), 2, "a stream was tried again after the failed call");
     }
 
     /// A follower that stops answering must not hold replication forever: the stream ends as
