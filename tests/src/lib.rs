@@ -141,7 +141,6 @@ fn spawn(binary: &PathBuf, args: &[&std::ffi::OsStr], log_path: &PathBuf) -> any
         .with_context(|| format!("starting {}", binary.display()))
 }
 
-/// A port nobody listens on right now.
 /// Loopback ports are handed out from this range, below Linux's ephemeral range (32768 and
 /// up), so neither the kernel's choice for a client connection nor `bind(0)` can take one.
 const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;

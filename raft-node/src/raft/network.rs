@@ -372,59 +372,37 @@ mod tests {
 
     use super::*;
 
-    /// A follower that takes every append request of a stream and answers none of them.
-    struct Silent;
-
     fn unimplemented<T>() -> Result<Response<T>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
 
-    #[tonic::async_trait]
-    impl RaftTransport for Silent {
-        type StreamAppendStream = futures::stream::BoxStream<'static, Result<RaftReply, Status>>;
-
-        async fn stream_append(&self, request: Request<Streaming<RaftRequest>>) -> Result<Response<Self::StreamAppendStream>, Status> {
-            let requests = request.into_inner();
-            let silence = futures::stream::unfold(requests, |mut requests| async move {
-                while let Some(Ok(_)) = requests.next().await {}
-                None
-            });
-            Ok(Response::new(silence.boxed()))
-        }
-        async fn append_entries(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-            unimplemented()
-        }
-        async fn vote(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-            unimplemented()
-        }
-        async fn pre_vote(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-            unimplemented()
-        }
-        async fn transfer_leader(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-            unimplemented()
-        }
-        async fn install_snapshot(&self, _: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftReply>, Status> {
-            unimplemented()
-        }
-    }
-
-    /// A follower of an earlier version: no `StreamAppend`, one unary `AppendEntries` per
-    /// request. It counts the streams it was asked for, and fails its unary call number
-    /// `fail_call` (counting from 1) as a restarting node would.
+    /// A follower for these tests. With `streams`, it takes every request of a `StreamAppend`
+    /// stream and answers none of them; without, it is a node of an earlier version: no
+    /// `StreamAppend`, one unary `AppendEntries` per request. It counts the streams it was
+    /// asked for, and fails its unary call number `fail_call` (counting from 1) as a
+    /// restarting node would.
     #[derive(Clone, Default)]
-    struct Unary {
+    struct Follower {
+        streams: bool,
         streams_asked: Arc<std::sync::atomic::AtomicUsize>,
         calls: Arc<std::sync::atomic::AtomicUsize>,
         fail_call: usize,
     }
 
     #[tonic::async_trait]
-    impl RaftTransport for Unary {
+    impl RaftTransport for Follower {
         type StreamAppendStream = futures::stream::BoxStream<'static, Result<RaftReply, Status>>;
 
-        async fn stream_append(&self, _: Request<Streaming<RaftRequest>>) -> Result<Response<Self::StreamAppendStream>, Status> {
+        async fn stream_append(&self, request: Request<Streaming<RaftRequest>>) -> Result<Response<Self::StreamAppendStream>, Status> {
             self.streams_asked.fetch_add(1, Ordering::SeqCst);
-            unimplemented()
+            if !self.streams {
+                return unimplemented();
+            }
+            let silence = futures::stream::unfold(request.into_inner(), |mut requests| async move {
+                while let Some(Ok(_)) = requests.next().await {}
+                None
+            });
+            Ok(Response::new(silence.boxed()))
         }
         async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
             if self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_call {
@@ -468,7 +446,7 @@ mod tests {
     /// fails (the follower may be restarting, upgraded): then a stream is tried again.
     #[tokio::test]
     async fn a_peer_without_streams_is_replicated_to_one_call_at_a_time() {
-        let peer = Unary { fail_call: 3, ..Default::default() };
+        let peer = Follower { fail_call: 3, ..Default::default() };
         let addr = serve(peer.clone()).await;
         let mut network = GroupNetwork::new(7, Arc::new(PeerChannels::new(None, None)));
         let mut follower = network.new_client(2, &Node { addr }).await;
@@ -502,7 +480,7 @@ mod tests {
     /// unreachable once a request has waited the RPC deadline, as a unary call would have.
     #[tokio::test]
     async fn a_stream_whose_follower_stops_answering_ends_as_unreachable() {
-        let addr = serve(Silent).await;
+        let addr = serve(Follower { streams: true, ..Default::default() }).await;
         let mut network = GroupNetwork::new(7, Arc::new(PeerChannels::new(None, None)));
         let mut follower = network.new_client(2, &Node { addr }).await;
         // The request stream stays open after the one request, as openraft's does.

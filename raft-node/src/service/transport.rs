@@ -50,12 +50,16 @@ impl TransportService {
     }
 }
 
-fn reply<T: Serialize, E: std::fmt::Display>(result: Result<T, E>) -> Result<Response<RaftReply>, Status> {
-    let reply = match result {
+/// A Raft call's outcome as a reply: the encoded value, or the error as text.
+fn raft_reply<T: Serialize, E: std::fmt::Display>(result: Result<T, E>) -> Result<RaftReply, Status> {
+    Ok(match result {
         Ok(v) => RaftReply { payload: codec::encode(&v).map_err(|e| Status::internal(e.to_string()))?, error: String::new() },
         Err(e) => RaftReply { payload: Vec::new(), error: e.to_string() },
-    };
-    Ok(Response::new(reply))
+    })
+}
+
+fn reply<T: Serialize, E: std::fmt::Display>(result: Result<T, E>) -> Result<Response<RaftReply>, Status> {
+    raft_reply(result).map(Response::new)
 }
 
 /// The metadata key naming the group of a `StreamAppend` stream.
@@ -96,15 +100,7 @@ impl RaftTransport for TransportService {
                 .inspect_err(|e| tracing::warn!(group, error = %e, "undecodable append request ends the stream"))
                 .ok()
         });
-        let replies = raft.stream_append(requests).map(|result| {
-            Ok(match result {
-                Ok(appended) => RaftReply {
-                    payload: codec::encode(&appended).map_err(|e| Status::internal(e.to_string()))?,
-                    error: String::new(),
-                },
-                Err(fatal) => RaftReply { payload: Vec::new(), error: fatal.to_string() },
-            })
-        });
+        let replies = raft.stream_append(requests).map(raft_reply);
         // Ended when this node's server drains, so that its graceful stop need not wait for the
         // leader to close the stream (the leader then opens a new one, to the new server).
         let drained = async move {
