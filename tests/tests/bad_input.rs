@@ -32,13 +32,29 @@ fn assert_refused<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::
     assert!(status.message().starts_with(field), "message {:?} must name {field}", status.message());
 }
 
-/// Sum of every group's last log index on every node: unchanged means nothing was written.
+/// Every group's last log index on every node, node by node: unchanged means nothing was written.
 async fn log_positions(cluster: &Cluster) -> Vec<Option<u64>> {
     let mut out = Vec::new();
     for id in cluster.node_ids() {
         out.extend(cluster.status_of(id).await.unwrap().groups.iter().map(|g| g.last_log_index));
     }
     out
+}
+
+/// [`log_positions`] once every follower holds its leader's whole log. A create returns when
+/// its leader has applied its funding's `Settle`; a follower may receive that entry a moment
+/// later, and taken earlier the positions would move with no bad request to blame.
+async fn replicated_log_positions(cluster: &Cluster) -> Vec<Option<u64>> {
+    let nodes = cluster.node_ids().len();
+    for _ in 0..200 {
+        let positions = log_positions(cluster).await;
+        let groups = positions.len() / nodes;
+        if (0..groups).all(|g| (1..nodes).all(|n| positions[n * groups + g] == positions[g])) {
+            return positions;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("followers did not catch up with their leaders in 10 s: {:?}", log_positions(cluster).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,7 +67,7 @@ async fn rejected_requests_name_the_field_and_change_nothing() {
     // A real packet to aim the bad grabs and opens at.
     let packet = rpc.create_packet(create("good", 300, 3)).await.unwrap().into_inner().packet.unwrap();
     let id = packet.packet_id.clone();
-    let before = log_positions(&cluster).await;
+    let before = replicated_log_positions(&cluster).await;
 
     // Validation failures: refused before reaching the log.
     assert_refused(rpc.create_packet(create("r1", 2, 3)).await, Code::InvalidArgument, "total_cents");
