@@ -42,9 +42,13 @@ pub async fn run(dir: PathBuf, base_port: u16, nodes: u64) -> anyhow::Result<()>
         })));
     }
 
+    // `Init` reaches every member, so each must be serving first, not only the one asked.
+    let mut statuses = Vec::new();
+    for member in &members {
+        statuses.push(wait_until_serving(&format!("http://{}", member.addr)).await?);
+    }
     let first = format!("http://{}", members[0].addr);
-    let status = wait_until_serving(&first).await?;
-    if status.initialized {
+    if statuses.iter().any(|s| s.initialized) {
         println!("cluster already initialized; reusing its data");
     } else {
         ClusterAdminClient::connect(first.clone())
