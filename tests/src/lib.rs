@@ -108,7 +108,7 @@ pub struct Cluster {
 
 /// The node binary: `REDPACKET_NODE_BIN` if set, else `rp-test-node` from this build's
 /// target directory (cargo builds a package's binaries before running its tests).
-fn node_binary() -> PathBuf {
+pub fn node_binary() -> PathBuf {
     test_binary("REDPACKET_NODE_BIN", "rp-test-node")
 }
 

@@ -1,5 +1,6 @@
 //! The README's first command, `redpacket-node dev`: a whole local cluster, bootstrapped, that
-//! takes money and packets at once, stops on SIGTERM, and keeps its data for the next start.
+//! takes money and packets at once and keeps its data for the next start. (Stopping it on
+//! SIGTERM is a known bug: the last test, ignored, reproduces it.)
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -23,8 +24,8 @@ fn free_base() -> u16 {
         .expect("no free port layout in 12000-19000")
 }
 
-/// The `dev` process, killed if the test ends without stopping it (a failed assertion must
-/// not leave a cluster running).
+/// The `dev` process. Dropping it kills it outright (SIGKILL), as a crash would; so a failed
+/// assertion does not leave a cluster running either.
 struct Dev(Option<Child>);
 
 impl Drop for Dev {
@@ -37,9 +38,8 @@ impl Drop for Dev {
 }
 
 fn start_dev(data_dir: &Path, base: u16, log: &Path) -> Dev {
-    let binary = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("rp-test-node");
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(binary)
+    Command::new(redpacket_tests::node_binary())
         .args(["dev", "--data-dir"])
         .arg(data_dir)
         .args(["--base-port", &base.to_string(), "--nodes", "3"])
@@ -66,13 +66,6 @@ async fn stop(mut dev: Dev) {
     };
     dev.0 = None;
     assert!(status.success(), "dev cluster exited with {status}");
-}
-
-/// Kills the process outright, as a crash would.
-fn crash(mut dev: Dev) {
-    let mut child = dev.0.take().expect("running");
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 /// Retries `op` for up to 60 s: the cluster elects its leaders after it says it is up.
@@ -121,7 +114,7 @@ async fn the_dev_cluster_takes_packets_and_keeps_them_across_a_crash() {
     let (data, log) = (dir.path().join("data"), dir.path().join("dev.log"));
     let base = free_base();
     let (dev, endpoints, packet) = start_with_a_packet(&data, base, &log).await;
-    crash(dev);
+    drop(dev); // a crash
 
     // The same command again reuses the data: no second bootstrap, the packet is still there.
     let dev = start_dev(&data, base, &log);
@@ -131,11 +124,11 @@ async fn the_dev_cluster_takes_packets_and_keeps_them_across_a_crash() {
     assert_eq!(again.claims.iter().filter_map(|c| c.amount_cents).sum::<u64>(), 300);
     let printed = eventually("the restart's report", || async {
         let printed = std::fs::read_to_string(&log)?;
-        anyhow::ensure!(printed.contains("endpoints:") && printed.matches("endpoints:").count() == 2, "not printed yet");
+        anyhow::ensure!(printed.matches("endpoints:").count() == 2, "not printed yet");
         Ok(printed)
     })
     .await;
-    crash(dev);
+    drop(dev);
     assert_eq!(printed.matches("cluster initialized").count(), 1, "{printed}");
     assert!(printed.contains("cluster already initialized; reusing its data"), "{printed}");
 }
