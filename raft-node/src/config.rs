@@ -122,6 +122,9 @@ pub struct RaftSettings {
     /// leaders spread over the nodes.
     pub balance_leaders: bool,
     pub balance_interval_ms: u64,
+    /// On a graceful stop, how long the node may spend handing its leaderships over before it
+    /// stops serving (0: stop at once, and let elections move them).
+    pub stop_hand_over_ms: u64,
 }
 
 impl Default for RaftSettings {
@@ -134,6 +137,7 @@ impl Default for RaftSettings {
             keep_entries_after_snapshot: 1000,
             balance_leaders: true,
             balance_interval_ms: 2000,
+            stop_hand_over_ms: 10_000,
         }
     }
 }

@@ -35,6 +35,8 @@ pub async fn run(dir: PathBuf, base_port: u16, nodes: u64) -> anyhow::Result<()>
         let mut config = NodeConfig::local(id, port, dir.join(format!("node-{id}")));
         config.payment.endpoint = ledger_addr.to_string();
         config.metrics_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], base_port + 199 + id as u16)));
+        // Every node stops at once, so no peer could take a leadership over.
+        config.raft.stop_hand_over_ms = 0;
         members.push(pb::Member { node_id: id, addr: config.advertise_addr() });
         let mut rx = stop_rx.clone();
         tasks.push(tokio::spawn(node::run(config, async move {

@@ -124,6 +124,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), {
             let ctx = ctx.clone();
             let balancer = balancer.as_ref().map(|b| b.abort_handle());
+            let hand_over = config.raft.stop_hand_over_ms;
             async move {
                 shutdown.await;
                 // Graceful stop: take no new leaderships, hand ours over while still serving
@@ -133,7 +134,9 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
                 if let Some(b) = balancer {
                     b.abort();
                 }
-                hand_over_leaderships(&ctx.groups, Duration::from_secs(10)).await;
+                if hand_over > 0 {
+                    hand_over_leaderships(&ctx.groups, Duration::from_millis(hand_over)).await;
+                }
                 ctx.draining.send_replace(true);
             }
         })

@@ -50,6 +50,7 @@ impl Default for ClusterSpec {
                 keep_entries_after_snapshot: 1000,
                 balance_leaders: true,
                 balance_interval_ms: 1000,
+                stop_hand_over_ms: 10_000,
             },
             limits: Limits::default(),
             auth: Default::default(),
@@ -319,11 +320,21 @@ impl Cluster {
         }
     }
 
-    /// SIGTERM, then waits for the process to exit.
-    pub fn terminate(&mut self, id: u64) -> anyhow::Result<()> {
-        if let Some(mut child) = self.nodes.get_mut(&id).and_then(|n| n.child.take()) {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
-            child.wait()?;
+    /// SIGTERM, then waits (without blocking the test's runtime) for the process to exit; a
+    /// node still running after 60 s is a failed graceful stop: it is killed, and this errs.
+    pub async fn terminate(&mut self, id: u64) -> anyhow::Result<()> {
+        let Some(mut child) = self.nodes.get_mut(&id).and_then(|n| n.child.take()) else {
+            return Ok(());
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while child.try_wait()?.is_none() {
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("node {id} did not stop within 60 s of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(())
     }

@@ -102,8 +102,8 @@ async fn grow_three_to_five_and_shrink_to_three_under_load() {
 
     admin.remove_node(1, |_| {}).await.unwrap();
     admin.remove_node(2, |_| {}).await.unwrap();
-    cluster.terminate(1).unwrap();
-    cluster.terminate(2).unwrap();
+    cluster.terminate(1).await.unwrap();
+    cluster.terminate(2).await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::SeqCst);
     let (acked, errors) = load.await.unwrap();
@@ -137,7 +137,7 @@ async fn remove_the_busiest_node_then_replace_a_dead_one() {
     let busiest = *counts.iter().max_by_key(|(_, c)| **c).unwrap().0;
     let admin = cluster.client_of(if busiest == 4 { 1 } else { 4 });
     admin.remove_node(busiest, |_| {}).await.unwrap();
-    cluster.terminate(busiest).unwrap();
+    cluster.terminate(busiest).await.unwrap();
     let live: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|n| *n != busiest).collect();
     for g in cluster.status_of(live[0]).await.unwrap().groups {
         assert_ne!(g.leader, Some(busiest));
@@ -187,7 +187,7 @@ async fn unsafe_membership_changes_are_refused() {
 
     // A node id that was used before is never accepted again.
     admin.remove_node(3, |_| {}).await.unwrap();
-    cluster.terminate(3).unwrap();
+    cluster.terminate(3).await.unwrap();
     let err = admin.add_node(3, &addr4, |_| {}).await.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err}");
     assert!(err.to_string().contains("never reused"), "{err}");
@@ -214,7 +214,7 @@ async fn a_rolling_restart_with_sigterm_shows_the_client_no_error() {
     let load = start_load(cluster.client(), stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
     for id in cluster.node_ids() {
-        cluster.terminate(id).unwrap();
+        cluster.terminate(id).await.unwrap();
         cluster.start_node(id).unwrap();
         cluster.wait_serving(id).await.unwrap();
         cluster.wait_all_leaders().await.unwrap();

@@ -84,10 +84,17 @@ impl RaftTransport for TransportService {
             .and_then(|v| v.parse::<u32>().ok())
             .ok_or_else(|| Status::invalid_argument(format!("{GROUP_METADATA}: missing or not a group number")))?;
         let raft = self.raft(group)?.clone();
-        let mut draining = self.ctx.draining.subscribe();
+        let draining = self.ctx.draining.subscribe();
         if *draining.borrow() {
             return Err(Status::unavailable(format!("node {} is stopping", self.ctx.node_id)));
         }
+        // Completes when this node's server drains.
+        let drained = move || {
+            let mut draining = draining.clone();
+            async move {
+                let _ = draining.wait_for(|draining| *draining).await;
+            }
+        };
         // The requests, decoded, until the leader ends the stream, a message is not a request
         // of this group, or this node is cut off (raft-isolate): then the stream ends, after
         // the replies to what came before, and the leader opens a new one.
@@ -100,13 +107,14 @@ impl RaftTransport for TransportService {
                 .inspect_err(|e| tracing::warn!(group, error = %e, "undecodable append request ends the stream"))
                 .ok()
         });
+        // Both halves end when this node's server drains, so that its graceful stop need not
+        // wait for the leader to close the stream (the leader then opens a new one, to the new
+        // server). Ending the replies alone is not enough: openraft reads the requests in a task
+        // of its own, which would hold this HTTP/2 stream, and so the connection, open until the
+        // leader's next message; a leader that is stopping too sends none, and every server hung.
+        let requests = requests.take_until(drained());
         let replies = raft.stream_append(requests).map(raft_reply);
-        // Ended when this node's server drains, so that its graceful stop need not wait for the
-        // leader to close the stream (the leader then opens a new one, to the new server).
-        let drained = async move {
-            let _ = draining.wait_for(|draining| *draining).await;
-        };
-        Ok(Response::new(Box::pin(replies.take_until(drained))))
+        Ok(Response::new(Box::pin(replies.take_until(drained()))))
     }
 
     async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
