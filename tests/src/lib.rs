@@ -323,18 +323,29 @@ impl Cluster {
     /// SIGTERM, then waits (without blocking the test's runtime) for the process to exit; a
     /// node still running after 60 s is a failed graceful stop: it is killed, and this errs.
     pub async fn terminate(&mut self, id: u64) -> anyhow::Result<()> {
-        let Some(mut child) = self.nodes.get_mut(&id).and_then(|n| n.child.take()) else {
-            return Ok(());
-        };
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while child.try_wait()?.is_none() {
-            if std::time::Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                anyhow::bail!("node {id} did not stop within 60 s of SIGTERM");
+        self.terminate_all(&[id]).await
+    }
+
+    /// SIGTERM to every node of `ids` at once (as when a whole cluster is shut down), then
+    /// waits for each as [`Cluster::terminate`] does.
+    pub async fn terminate_all(&mut self, ids: &[u64]) -> anyhow::Result<()> {
+        let mut stopping = Vec::new();
+        for id in ids {
+            if let Some(child) = self.nodes.get_mut(id).and_then(|n| n.child.take()) {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+                stopping.push((*id, child));
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        for (id, mut child) in stopping {
+            while child.try_wait()?.is_none() {
+                if std::time::Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    anyhow::bail!("node {id} did not stop within 60 s of SIGTERM");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         Ok(())
     }
