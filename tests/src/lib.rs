@@ -337,17 +337,20 @@ impl Cluster {
             }
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        for (id, mut child) in stopping {
-            while child.try_wait()?.is_none() {
-                if std::time::Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    anyhow::bail!("node {id} did not stop within 60 s of SIGTERM");
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        while std::time::Instant::now() < deadline {
+            stopping.retain_mut(|(_, child)| !matches!(child.try_wait(), Ok(Some(_))));
+            if stopping.is_empty() {
+                return Ok(());
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(())
+        // Killed, every one of them: a hung node must not outlive the test.
+        let hung: Vec<u64> = stopping.iter().map(|(id, _)| *id).collect();
+        for (_, child) in &mut stopping {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        anyhow::bail!("nodes {hung:?} did not stop within 60 s of SIGTERM")
     }
 
     /// Stops tracking node `id` (after it was removed from the cluster and stopped).
