@@ -3,6 +3,7 @@
 
 use std::net::TcpListener;
 use std::path::Path;
+use std::path::PathBuf;
 use std::process::Child;
 use std::process::Command;
 use std::time::Duration;
@@ -27,9 +28,10 @@ fn free_base() -> u16 {
         .expect("no free port layout in 12000-19000")
 }
 
-/// The `dev` process. Dropping it kills it outright (SIGKILL), as a crash would; so a failed
-/// assertion does not leave a cluster running either.
-struct Dev(Option<Child>);
+/// The `dev` process and its log. Dropping it kills it outright (SIGKILL), as a crash would;
+/// so a failed assertion does not leave a cluster running either, and its log's end is
+/// printed, since the temporary directory holding it goes too.
+struct Dev(Option<Child>, PathBuf);
 
 impl Drop for Dev {
     fn drop(&mut self) {
@@ -37,11 +39,16 @@ impl Drop for Dev {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.1).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- end of {} ---\n{}", self.1.display(), lines[lines.len().saturating_sub(40)..].join("\n"));
+        }
     }
 }
 
-fn start_dev(data_dir: &Path, base: u16, log: &Path) -> Dev {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+fn start_dev(data_dir: &Path, base: u16, log_path: &Path) -> Dev {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path).unwrap();
     Command::new(redpacket_tests::node_binary())
         .args(["dev", "--data-dir"])
         .arg(data_dir)
@@ -50,7 +57,7 @@ fn start_dev(data_dir: &Path, base: u16, log: &Path) -> Dev {
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
-        .map(|child| Dev(Some(child)))
+        .map(|child| Dev(Some(child), log_path.to_path_buf()))
         .expect("start rp-test-node dev")
 }
 
