@@ -129,12 +129,12 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
                 shutdown.await;
                 // Graceful stop: take no new leaderships, hand ours over while still serving
                 // (requests arriving meanwhile are forwarded to the new leaders).
-                tracing::info!(node_id, "stopping: handing leaderships over");
                 ctx.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
                 if let Some(b) = balancer {
                     b.abort();
                 }
                 if hand_over > 0 {
+                    tracing::info!(node_id, "stopping: handing leaderships over");
                     hand_over_leaderships(&ctx.groups, Duration::from_millis(hand_over)).await;
                 }
                 ctx.draining.send_replace(true);
