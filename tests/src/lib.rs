@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Child;
 use std::process::Command;
+use std::process::ExitStatus;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -46,11 +47,8 @@ impl Default for ClusterSpec {
                 heartbeat_ms: 100,
                 election_timeout_min_ms: 800,
                 election_timeout_max_ms: 1600,
-                snapshot_every_entries: 5000,
-                keep_entries_after_snapshot: 1000,
-                balance_leaders: true,
                 balance_interval_ms: 1000,
-                stop_hand_over_ms: 10_000,
+                ..RaftSettings::default()
             },
             limits: Limits::default(),
             auth: Default::default(),
@@ -128,6 +126,39 @@ fn test_binary(env: &str, name: &str) -> PathBuf {
         dir.pop();
     }
     dir.join(name)
+}
+
+/// SIGTERM to every process at once, then waits (without blocking the test's runtime: the
+/// clients' connections must keep running for the stopping servers to close them) until each
+/// has exited, and gives their exit statuses. A process still running after 60 s is a failed
+/// graceful stop: every such one is killed, so none outlives the test, and this errs naming them.
+pub async fn stop_gracefully(mut processes: Vec<(String, Child)>) -> anyhow::Result<Vec<(String, ExitStatus)>> {
+    for (_, child) in &processes {
+        // An error here means the process is gone already, which the wait sees.
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    }
+    let mut exited = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let mut running = Vec::new();
+        for (name, mut child) in processes {
+            match child.try_wait() {
+                Ok(Some(status)) => exited.push((name, status)),
+                _ => running.push((name, child)),
+            }
+        }
+        processes = running;
+        if processes.is_empty() {
+            return Ok(exited);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hung: Vec<String> = processes.iter().map(|(name, _)| name.clone()).collect();
+    for (_, child) in &mut processes {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    anyhow::bail!("{hung:?} did not stop within 60 s of SIGTERM")
 }
 
 fn spawn(binary: &PathBuf, args: &[&std::ffi::OsStr], log_path: &PathBuf) -> anyhow::Result<Child> {
@@ -329,29 +360,11 @@ impl Cluster {
     /// SIGTERM to every node of `ids` at once (as when a whole cluster is shut down), then
     /// waits for each as [`Cluster::terminate`] does.
     pub async fn terminate_all(&mut self, ids: &[u64]) -> anyhow::Result<()> {
-        let mut stopping = Vec::new();
-        for id in ids {
-            if let Some(child) = self.nodes.get_mut(id).and_then(|n| n.child.take()) {
-                // An error here means the process is gone already, which the wait sees.
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
-                stopping.push((*id, child));
-            }
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while std::time::Instant::now() < deadline {
-            stopping.retain_mut(|(_, child)| !matches!(child.try_wait(), Ok(Some(_))));
-            if stopping.is_empty() {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        // Killed, every one of them: a hung node must not outlive the test.
-        let hung: Vec<u64> = stopping.iter().map(|(id, _)| *id).collect();
-        for (_, child) in &mut stopping {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        anyhow::bail!("nodes {hung:?} did not stop within 60 s of SIGTERM")
+        let stopping = ids
+            .iter()
+            .filter_map(|id| Some((format!("node {id}"), self.nodes.get_mut(id)?.child.take()?)))
+            .collect();
+        stop_gracefully(stopping).await.map(|_| ())
     }
 
     /// Stops tracking node `id` (after it was removed from the cluster and stopped).

@@ -61,20 +61,11 @@ fn start_dev(data_dir: &Path, base: u16, log_path: &Path) -> Dev {
         .expect("start rp-test-node dev")
 }
 
-/// Sends SIGTERM and waits for a clean exit (asynchronously: the clients' connections must
-/// keep running to be closed by the stopping servers).
+/// Sends SIGTERM and waits for a clean exit.
 async fn stop(mut dev: Dev) {
-    let child = dev.0.as_mut().expect("running");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "dev cluster did not stop within 60 s of SIGTERM");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    dev.0 = None;
+    let child = dev.0.take().expect("running");
+    let exited = redpacket_tests::stop_gracefully(vec![("dev cluster".into(), child)]).await.unwrap();
+    let status = exited[0].1;
     assert!(status.success(), "dev cluster exited with {status}");
 }
 
