@@ -488,6 +488,14 @@ impl Cluster {
     }
 
     /// The last lines a node wrote to its log, for failure messages.
+    /// Keeps the cluster's data and node logs after it is dropped (for a failed run to be
+    /// inspected) and gives their directory.
+    pub fn keep_files(&mut self) -> PathBuf {
+        let path = self.dir.path().to_path_buf();
+        let _ = std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("tempdir")).keep();
+        path
+    }
+
     pub fn log_tail(&self, id: u64) -> String {
         let text = std::fs::read_to_string(&self.nodes[&id].log_path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -503,10 +511,8 @@ impl Drop for Cluster {
         }
         self.kill_ledger();
         if std::thread::panicking() {
-            // Keep the data and logs of a failed test for inspection.
-            let path = self.dir.path().to_path_buf();
+            let path = self.keep_files();
             eprintln!("test cluster data and node logs kept in {}", path.display());
-            let _ = std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("tempdir")).keep();
         }
     }
 }

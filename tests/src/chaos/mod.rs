@@ -163,6 +163,9 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
             }
         }
     }
+    if !problems.is_empty() {
+        problems.push(format!("node logs and data kept in {}", cluster.keep_files().display()));
+    }
     let terms = term_of.values().sum();
     let hot_group = hot.group;
     tracing::info!(hot_group, "final terms: {term_of:?}");
