@@ -11,7 +11,9 @@
 //!   and go into the log as one [`Command::Batch`] entry: one append, one replication round
 //!   and one disk sync on each replica for all of them. [`MAX_IN_FLIGHT`] batches go through
 //!   openraft at once: one, measured best (more in flight split the same operations into
-//!   more, smaller entries, and every entry costs a replication round and a sync).
+//!   more, smaller entries, and every entry costs a replication round and a sync). After a
+//!   batch is answered the next may wait a few milliseconds for its callers to come back
+//!   ([`Hold`]), so the callers do not split into two half-size cohorts.
 //!
 //! Nothing about durability changes: a caller is answered only after its batch is committed
 //! (on a quorum's disk) and applied.
@@ -133,6 +135,49 @@ impl Waiting {
     }
 }
 
+/// How long the next proposal may wait for more operations after a batch is answered.
+const HOLD_MAX: Duration = Duration::from_millis(6);
+/// Share (percent) of the callers just answered, plus those already queued, that the next
+/// proposal waits for.
+const HOLD_SHARE: usize = 90;
+/// Answered batches smaller than this do not hold the next one: at a trickle, waiting would
+/// only add latency.
+const HOLD_FROM: usize = 8;
+/// A next batch this large goes at once: an entry's fixed cost is shared well enough.
+const HOLD_ENOUGH: usize = 64;
+
+/// Keeps the next proposal back until enough operations joined it (or [`HOLD_MAX`] passed).
+///
+/// With one batch in flight, callers split into two cohorts that take turns: while one
+/// batch is in the log, the callers of the batch before it, just answered, send their next
+/// operations, and those go out as soon as that batch is answered, without the cohort
+/// answered now. Each entry then carries half the callers, and each costs a replication
+/// round and a sync on every replica. Waiting a moment for the answered callers to come back
+/// merges the cohorts. Measured on `many` (3 groups, 2026-12-04, 4 alternating pairs):
+/// 30 → 52–55 operations per entry, grabs/s +29, +10, +41 and −15 % (the machine drifts);
+/// `hot`, whose entries already carried about 100, unchanged within noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Hold {
+    until: tokio::time::Instant,
+    target: usize,
+}
+
+impl Hold {
+    /// The hold that follows answering `answered` operations with `queued` already waiting.
+    fn after(answered: usize, queued: usize, now: tokio::time::Instant) -> Option<Hold> {
+        if answered < HOLD_FROM {
+            return None;
+        }
+        let target = ((answered + queued) * HOLD_SHARE / 100).min(HOLD_ENOUGH);
+        (queued < target).then_some(Hold { until: now + HOLD_MAX, target })
+    }
+
+    /// Whether the next batch may go with `queued` operations at `now`.
+    fn is_over(&self, queued: usize, now: tokio::time::Instant) -> bool {
+        queued >= self.target || now >= self.until
+    }
+}
+
 /// How a proposed batch ended.
 enum Proposal {
     Applied(Reply),
@@ -155,16 +200,21 @@ async fn run(group: u32, raft: Raft, mut queue: mpsc::Receiver<Submission>, metr
     let mut waiting = Waiting::default();
     let mut next: Vec<Submission> = Vec::new();
     let mut in_flight = FuturesUnordered::new();
+    let mut hold: Option<Hold> = None;
     loop {
+        let hold_deadline = hold.as_ref().map(|h| h.until);
         tokio::select! {
             Some((batch, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let answered = Vec::len(&batch);
                 answer(group, batch, result, &mut waiting);
+                hold = Hold::after(answered, next.len(), tokio::time::Instant::now());
             }
             // A full next batch waits in the queue, not in memory here.
             sub = queue.recv(), if next.len() < MAX_BATCH => match sub {
                 Some(sub) => next.extend(waiting.admit(sub, &metrics)),
                 None => return,
             },
+            _ = tokio::time::sleep_until(hold_deadline.unwrap_or_else(tokio::time::Instant::now)), if hold_deadline.is_some() => {}
             else => {}
         }
         // Take everything that is already queued, up to a full batch.
@@ -174,7 +224,10 @@ async fn run(group: u32, raft: Raft, mut queue: mpsc::Receiver<Submission>, metr
                 Err(_) => break,
             }
         }
-        if !next.is_empty() && in_flight.len() < MAX_IN_FLIGHT {
+        if hold.is_some_and(|h| h.is_over(next.len(), tokio::time::Instant::now())) {
+            hold = None;
+        }
+        if !next.is_empty() && in_flight.len() < MAX_IN_FLIGHT && hold.is_none() {
             let batch: Vec<Submission> = next.drain(..next.len().min(MAX_BATCH)).collect();
             let ops: Vec<PacketOp> = batch.iter().map(|s| s.op.clone()).collect();
             metrics.proposal(group);
@@ -253,6 +306,24 @@ mod tests {
         waiting.release(&admitted.pop().unwrap());
         assert!(waiting.admit(grab(&hot, "late", Some(2)).0, &metrics).is_some());
         assert!(waiting.admit(grab(&hot, "later", Some(2)).0, &metrics).is_none());
+    }
+
+    #[test]
+    fn a_hold_waits_for_the_answered_callers_to_come_back_but_not_for_long() {
+        let now = tokio::time::Instant::now();
+        // 40 answered, 10 already queued: wait for 90 % of the 50.
+        let hold = Hold::after(40, 10, now).expect("holds");
+        assert_eq!(hold.target, 45);
+        assert!(!hold.is_over(44, now));
+        assert!(hold.is_over(45, now));
+        assert!(hold.is_over(0, now + HOLD_MAX), "never longer than HOLD_MAX");
+        assert!(!hold.is_over(0, now + HOLD_MAX - Duration::from_micros(1)));
+        // A large batch waits for HOLD_ENOUGH at most.
+        assert_eq!(Hold::after(500, 0, now).expect("holds").target, HOLD_ENOUGH);
+        // No hold after a small batch, or when enough is queued already.
+        assert_eq!(Hold::after(HOLD_FROM - 1, 0, now), None);
+        assert_eq!(Hold::after(40, 60, now), None);
+        assert_eq!(Hold::after(200, HOLD_ENOUGH, now), None);
     }
 
     #[test]
