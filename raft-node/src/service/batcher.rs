@@ -322,7 +322,7 @@ mod tests {
         assert_eq!(Hold::after(500, 0, now).expect("holds").target, HOLD_ENOUGH);
         // No hold after a small batch, or when enough is queued already.
         assert_eq!(Hold::after(HOLD_FROM - 1, 0, now), None);
-        assert_eq!(Hold::after(40, 60, now), None);
+        assert_eq!(Hold::after(10, 90, now), None);
         assert_eq!(Hold::after(200, HOLD_ENOUGH, now), None);
     }
 
