@@ -125,12 +125,26 @@ impl LocalCluster {
     pub async fn figures(&self) -> anyhow::Result<ClusterFigures> {
         use tokio::io::AsyncReadExt;
         use tokio::io::AsyncWriteExt;
-        let mut f = ClusterFigures::default();
-        for addr in &self.metrics {
+        async fn scrape(addr: &std::net::SocketAddr) -> std::io::Result<String> {
             let mut stream = tokio::net::TcpStream::connect(addr).await?;
             stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
             let mut text = String::new();
             stream.read_to_string(&mut text).await?;
+            Ok(text)
+        }
+        let mut f = ClusterFigures::default();
+        for addr in &self.metrics {
+            // A read once ended in "connection reset by peer" (a compare run on 2026-12-04)
+            // and voided the run; the counters only grow, so reading again is harmless.
+            let mut text = scrape(addr).await;
+            for _ in 0..2 {
+                if text.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                text = scrape(addr).await;
+            }
+            let text = text.map_err(|e| anyhow::anyhow!("reading {addr}/metrics: {e}"))?;
             for line in text.lines().filter(|l| !l.starts_with('#')) {
                 let (Some(name), Some(value)) = (line.split(['{', ' ']).next(), line.rsplit(' ').next()) else { continue };
                 let value: f64 = value.parse().unwrap_or(0.0);

@@ -5,7 +5,6 @@
 //! changes, replication lag, unsettled transfers, RocksDB size) are sampled every second.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -176,7 +175,7 @@ pub async fn sample_forever(metrics: Arc<Metrics>, groups: Arc<Groups>, store: S
 }
 
 /// Serves `GET /metrics` until aborted.
-pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr) -> anyhow::Result<()> {
+pub async fn serve(metrics: Arc<Metrics>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -184,8 +183,7 @@ pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr) -> anyhow::Result<()
             async move { ([("content-type", "text/plain; version=0.0.4")], metrics.render()) }
         }),
     );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "metrics at /metrics");
+    tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
     axum::serve(listener, app).await?;
     Ok(())
 }

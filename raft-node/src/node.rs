@@ -61,9 +61,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
     let sampler = tokio::spawn(crate::metrics::sample_forever(ctx.metrics.clone(), groups.clone(), ctx.store.clone()));
     let metrics_server = match config.metrics_addr {
         Some(addr) => {
-            // Bind now so a bad address fails the start, not later.
-            let server = tokio::spawn(crate::metrics::serve(ctx.metrics.clone(), addr));
-            Some(server)
+            // Bind here, not in the task: a taken or bad address must fail the start, not
+            // leave a node running whose metrics nobody can read.
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics_addr {addr}: cannot listen"))?;
+            Some(tokio::spawn(crate::metrics::serve(ctx.metrics.clone(), listener)))
         }
         None => None,
     };

@@ -93,3 +93,21 @@ async fn prometheus_metrics_report_requests_raft_and_money() {
     let status = cluster.status_of(1).await.unwrap();
     assert_eq!(leads, status.groups.iter().filter(|g| g.role == "leader").count() as i64);
 }
+
+/// A node whose metrics address is taken must refuse to start, naming the setting, rather
+/// than run with metrics nobody can read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_metrics_address_fails_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut config = redpacket_node::config::NodeConfig::local(1, port, dir.path().join("node-1"));
+    config.metrics_addr = Some(taken.local_addr().unwrap());
+    let config_path = dir.path().join("node-1.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let run = tokio::process::Command::new(redpacket_tests::node_binary()).arg("--config").arg(&config_path).kill_on_drop(true).output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run).await.expect("the node exits within 60 s").unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the node started on a taken metrics address: {stderr}");
+    assert!(stderr.contains(&format!("metrics_addr {}", taken.local_addr().unwrap())), "{stderr}");
+}
