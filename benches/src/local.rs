@@ -135,7 +135,7 @@ impl LocalCluster {
         let mut f = ClusterFigures::default();
         for addr in &self.metrics {
             // A read once ended in "connection reset by peer" (a compare run on 2026-12-04)
-            // and voided the run; the counters only grow, so reading again is harmless.
+            // and failed the run; the counters only grow, so reading again is harmless.
             let mut text = scrape(addr).await;
             for _ in 0..2 {
                 if text.is_ok() {

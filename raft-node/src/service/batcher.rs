@@ -202,7 +202,7 @@ async fn run(group: u32, raft: Raft, mut queue: mpsc::Receiver<Submission>, metr
     let mut in_flight = FuturesUnordered::new();
     let mut hold: Option<Hold> = None;
     loop {
-        let hold_deadline = hold.as_ref().map(|h| h.until);
+        let hold_deadline = hold.map(|h| h.until);
         tokio::select! {
             Some((batch, result)) = in_flight.next(), if !in_flight.is_empty() => {
                 let answered = Vec::len(&batch);
