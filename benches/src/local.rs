@@ -136,15 +136,15 @@ impl LocalCluster {
         for addr in &self.metrics {
             // A read once ended in "connection reset by peer" (a compare run on 2026-12-04)
             // and failed the run; the counters only grow, so reading again is harmless.
-            let mut text = scrape(addr).await;
-            for _ in 0..2 {
-                if text.is_ok() {
-                    break;
+            let mut attempt = 1;
+            let text = loop {
+                match scrape(addr).await {
+                    Ok(text) => break text,
+                    Err(e) if attempt == 3 => anyhow::bail!("reading {addr}/metrics: {e}"),
+                    Err(_) => attempt += 1,
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                text = scrape(addr).await;
-            }
-            let text = text.map_err(|e| anyhow::anyhow!("reading {addr}/metrics: {e}"))?;
+            };
             for line in text.lines().filter(|l| !l.starts_with('#')) {
                 let (Some(name), Some(value)) = (line.split(['{', ' ']).next(), line.rsplit(' ').next()) else { continue };
                 let value: f64 = value.parse().unwrap_or(0.0);

@@ -38,10 +38,15 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
     let store = Store::open(&config.data_dir, node_id, config.groups)?;
     let client_tls = config.tls.as_ref().map(|t| t.client_config()).transpose()?;
     let peers = Arc::new(PeerChannels::new(config.auth.peer_token.as_deref(), client_tls));
-    // Bind first, so a port conflict is reported before any Raft starts.
+    // Bind first, so a port conflict is reported before any Raft starts (the metrics port
+    // too: a node whose metrics nobody can read must not run).
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("listening on {}", config.listen_addr))?;
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics_addr {addr}: cannot listen"))?),
+        None => None,
+    };
     let groups = Arc::new(Groups::start(&config, &store, peers.clone()).await?);
     let metrics = crate::metrics::Metrics::new(node_id);
     let ctx = Arc::new(NodeContext {
@@ -59,15 +64,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
         metrics,
     });
     let sampler = tokio::spawn(crate::metrics::sample_forever(ctx.metrics.clone(), groups.clone(), ctx.store.clone()));
-    let metrics_server = match config.metrics_addr {
-        Some(addr) => {
-            // Bind here, not in the task: a taken or bad address must fail the start, not
-            // leave a node running whose metrics nobody can read.
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics_addr {addr}: cannot listen"))?;
-            Some(tokio::spawn(crate::metrics::serve(ctx.metrics.clone(), listener)))
-        }
-        None => None,
-    };
+    let metrics_server = metrics_listener.map(|listener| tokio::spawn(crate::metrics::serve(ctx.metrics.clone(), listener)));
 
     let balancer = config
         .raft

@@ -185,7 +185,7 @@ const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
 /// from a counter instead, each probed with a bind first (another process may hold it); the
 /// counter starts at an offset derived from the process id, so two test processes on the same
 /// machine start far apart.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     use std::sync::atomic::AtomicU32;
     use std::sync::atomic::Ordering;
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);

@@ -100,8 +100,7 @@ async fn prometheus_metrics_report_requests_raft_and_money() {
 async fn a_taken_metrics_address_fails_the_start() {
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut config = redpacket_node::config::NodeConfig::local(1, port, dir.path().join("node-1"));
+    let mut config = redpacket_node::config::NodeConfig::local(1, redpacket_tests::free_port(), dir.path().join("node-1"));
     config.metrics_addr = Some(taken.local_addr().unwrap());
     let config_path = dir.path().join("node-1.toml");
     std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
