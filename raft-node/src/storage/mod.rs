@@ -78,10 +78,17 @@ impl Store {
             let mut cf_opts = Options::default();
             cf_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
             if *name == keys::CF_SM {
-                // Point lookups of claims that do not exist yet (every first grab) skip disk.
+                // Point lookups of claims that do not exist yet (every first grab, twice: the
+                // fast path and apply) skip disk,
                 let mut block = rocksdb::BlockBasedOptions::default();
                 block.set_bloom_filter(10.0, false);
                 cf_opts.set_block_based_table_factory(&block);
+                // and the memtable's skip list: with a bloom filter over whole keys (10 % of
+                // the memtable's size) a miss is a few hash probes instead of a search down
+                // every level. Measured on a sustained `many` race: skip-list searches fell
+                // from 4.4 % of node CPU to 1.8 %, plus 0.5 % for the probes.
+                cf_opts.set_memtable_whole_key_filtering(true);
+                cf_opts.set_memtable_prefix_bloom_ratio(0.1);
             }
             ColumnFamilyDescriptor::new(*name, cf_opts)
         });
