@@ -133,7 +133,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
                 }
                 if hand_over > 0 {
                     tracing::info!(node_id, "stopping: handing leaderships over");
-                    hand_over_leaderships(&ctx.groups, Duration::from_millis(hand_over)).await;
+                    hand_over_leaderships(&ctx.groups, &ctx.peers, Duration::from_millis(hand_over)).await;
                 }
                 ctx.draining.send_replace(true);
             }
@@ -154,21 +154,26 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
 }
 
 /// Transfers every leadership this node holds to another caught-up voter (the group's
-/// preferred one when it can), and waits until they moved or `wait` passed.
-pub async fn hand_over_leaderships(groups: &Groups, wait: Duration) {
+/// preferred one when it can), and waits until they moved or `wait` passed. A voter that
+/// refused one because it is stopping too is not asked again; a group whose every other
+/// voter did has nowhere to go, so a cluster stopped all at once does not sit out `wait`.
+pub async fn hand_over_leaderships(groups: &Groups, peers: &PeerChannels, wait: Duration) {
     use openraft::type_config::async_runtime::WatchReceiver;
     let me = groups.node_id();
+    let started = std::time::Instant::now();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let mut leading = 0;
+        let stopping = peers.stopping_since(started);
         for (group, raft) in groups.all() {
             let m = raft.metrics().borrow_watched().clone();
             if m.state != openraft::ServerState::Leader {
                 continue;
             }
-            let others: Vec<u64> = m.membership_config.membership().voter_ids().filter(|v| *v != me).collect();
+            let others: Vec<u64> =
+                m.membership_config.membership().voter_ids().filter(|v| *v != me && !stopping.contains(v)).collect();
             if others.is_empty() {
-                continue; // a single-voter group has nowhere to go
+                continue; // a single-voter group, or every other voter is stopping: nowhere to go
             }
             leading += 1;
             let caught_up = |id: &u64| {

@@ -11,6 +11,7 @@
 //! the next request without waiting for the reply to the last.
 
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
@@ -79,11 +80,28 @@ pub struct PeerChannels {
     channels: Mutex<HashMap<String, Channel>>,
     token: BearerToken,
     tls: Option<ClientTlsConfig>,
+    /// When each peer last refused a leadership because it is stopping
+    /// ([`STOPPING_REFUSAL`]): a node handing over its leaderships skips those peers.
+    stopping: Mutex<HashMap<NodeId, Instant>>,
 }
+
+/// A node's answer to `TransferLeader` while it stops. Matched exactly by the sender, which
+/// then offers its leaderships elsewhere.
+pub const STOPPING_REFUSAL: &str = "node is stopping: it takes no leadership";
 
 impl PeerChannels {
     pub fn new(peer_token: Option<&str>, tls: Option<ClientTlsConfig>) -> Self {
-        PeerChannels { channels: Mutex::default(), token: BearerToken::new(peer_token), tls }
+        PeerChannels { channels: Mutex::default(), token: BearerToken::new(peer_token), tls, stopping: Mutex::default() }
+    }
+
+    fn note_stopping(&self, peer: NodeId) {
+        self.stopping.lock().expect("stopping peers lock").insert(peer, Instant::now());
+    }
+
+    /// Peers that refused a leadership since `since`, because they are stopping. (An older
+    /// refusal says nothing: that peer may have been restarted meanwhile.)
+    pub fn stopping_since(&self, since: Instant) -> HashSet<NodeId> {
+        self.stopping.lock().expect("stopping peers lock").iter().filter(|(_, at)| **at >= since).map(|(id, _)| *id).collect()
     }
 
     pub fn channel(&self, addr: &str) -> Result<PeerChannel, tonic::transport::Error> {
@@ -132,7 +150,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
                     .max_encoding_message_size(MAX_RAFT_MESSAGE)
             })
             .map_err(|e| e.to_string());
-        PeerConnection { group: self.group, target, client, unary_appends: Arc::default() }
+        PeerConnection { group: self.group, target, client, unary_appends: Arc::default(), peers: self.peers.clone() }
     }
 }
 
@@ -146,6 +164,7 @@ pub struct PeerConnection {
     /// `AppendEntries` call at a time, as before streaming. Cleared by a failed call (the peer
     /// may be restarting, upgraded), so the next session tries a stream again.
     unary_appends: Arc<AtomicBool>,
+    peers: Arc<PeerChannels>,
 }
 
 fn unreachable(msg: impl ToString) -> RPCError<TypeConfig> {
@@ -352,8 +371,11 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.request(&req, &option)?;
-        let reply = self.client()?.transfer_leader(req).await.map_err(|s| from_status(self.target, s))?;
-        from_reply(self.target, reply.into_inner())
+        let reply = self.client()?.transfer_leader(req).await.map_err(|s| from_status(self.target, s))?.into_inner();
+        if reply.error == STOPPING_REFUSAL {
+            self.peers.note_stopping(self.target);
+        }
+        from_reply(self.target, reply)
     }
 
     fn backoff(&self) -> Option<Backoff> {

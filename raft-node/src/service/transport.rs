@@ -27,6 +27,7 @@ use tonic::Streaming;
 use super::NodeContext;
 use crate::raft::Raft;
 use crate::raft::TypeConfig;
+use crate::raft::network::STOPPING_REFUSAL;
 use crate::storage::codec;
 use crate::storage::state_machine::SnapshotData;
 
@@ -137,7 +138,7 @@ impl RaftTransport for TransportService {
 
     async fn transfer_leader(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         if self.ctx.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            return Ok(Response::new(RaftReply { payload: Vec::new(), error: "node is stopping: it takes no leadership".into() }));
+            return Ok(Response::new(RaftReply { payload: Vec::new(), error: STOPPING_REFUSAL.into() }));
         }
         let req = request.into_inner();
         let raft = self.raft(req.group)?;
