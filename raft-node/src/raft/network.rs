@@ -402,13 +402,14 @@ mod tests {
     /// stream and answers none of them; without, it is a node of an earlier version: no
     /// `StreamAppend`, one unary `AppendEntries` per request. It counts the streams it was
     /// asked for, and fails its unary call number `fail_call` (counting from 1) as a
-    /// restarting node would.
+    /// restarting node would. With `stopping`, it refuses leaderships as a stopping node does.
     #[derive(Clone, Default)]
     struct Follower {
         streams: bool,
         streams_asked: Arc<std::sync::atomic::AtomicUsize>,
         calls: Arc<std::sync::atomic::AtomicUsize>,
         fail_call: usize,
+        stopping: bool,
     }
 
     #[tonic::async_trait]
@@ -441,6 +442,9 @@ mod tests {
             unimplemented()
         }
         async fn transfer_leader(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            if self.stopping {
+                return Ok(Response::new(RaftReply { payload: Vec::new(), error: STOPPING_REFUSAL.into() }));
+            }
             unimplemented()
         }
         async fn install_snapshot(&self, _: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftReply>, Status> {
@@ -518,5 +522,28 @@ mod tests {
         }
         assert!(waited >= ttl, "gave up after {waited:?}, before the deadline {ttl:?}");
         assert!(replies.next().await.is_none(), "the stream is over after the error");
+    }
+
+    /// A peer that refuses a leadership because it is stopping is noted, so a hand-over skips
+    /// it; a refusal from before a hand-over began says nothing (the peer may have been
+    /// restarted since). Another failure notes nothing.
+    #[tokio::test]
+    async fn a_peer_that_refuses_leadership_while_stopping_is_skipped_from_then_on() {
+        let peers = Arc::new(PeerChannels::new(None, None));
+        let mut network = GroupNetwork::new(7, peers.clone());
+        let transfer = || TransferLeaderRequest::<TypeConfig>::new(openraft::Vote::new(1, 1), 2, None);
+        let option = || RPCOption::new(Duration::from_secs(5));
+
+        let busy = serve(Follower::default()).await;
+        let mut other = network.new_client(3, &Node { addr: busy }).await;
+        assert!(other.transfer_leader(transfer(), option()).await.is_err());
+
+        let earlier = Instant::now();
+        let stopping = serve(Follower { stopping: true, ..Default::default() }).await;
+        let mut peer = network.new_client(2, &Node { addr: stopping }).await;
+        let refused = peer.transfer_leader(transfer(), option()).await.expect_err("a stopping peer refuses");
+        assert!(refused.to_string().contains(STOPPING_REFUSAL), "{refused}");
+        assert_eq!(peers.stopping_since(earlier), HashSet::from([2]), "the refusal is noted, the other failure is not");
+        assert!(peers.stopping_since(Instant::now()).is_empty(), "a hand-over begun after the refusal does not skip the peer");
     }
 }
