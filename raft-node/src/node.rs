@@ -155,8 +155,9 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
 
 /// Transfers every leadership this node holds to another caught-up voter (the group's
 /// preferred one when it can), and waits until they moved or `wait` passed. A voter that
-/// refused one because it is stopping too is not asked again; a group whose every other
-/// voter did has nowhere to go, so a cluster stopped all at once does not sit out `wait`.
+/// cannot take one (it refused because it is stopping too, or a call to it failed
+/// UNAVAILABLE since the hand-over began) is not asked; a group whose every other voter is
+/// such has nowhere to go, so a cluster stopped all at once does not sit out `wait`.
 pub async fn hand_over_leaderships(groups: &Groups, peers: &PeerChannels, wait: Duration) {
     use openraft::type_config::async_runtime::WatchReceiver;
     let me = groups.node_id();
@@ -164,16 +165,16 @@ pub async fn hand_over_leaderships(groups: &Groups, peers: &PeerChannels, wait: 
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let mut leading = 0;
-        let stopping = peers.stopping_since(started);
+        let unavailable = peers.unavailable_since(started);
         for (group, raft) in groups.all() {
             let m = raft.metrics().borrow_watched().clone();
             if m.state != openraft::ServerState::Leader {
                 continue;
             }
             let others: Vec<u64> =
-                m.membership_config.membership().voter_ids().filter(|v| *v != me && !stopping.contains(v)).collect();
+                m.membership_config.membership().voter_ids().filter(|v| *v != me && !unavailable.contains(v)).collect();
             if others.is_empty() {
-                continue; // a single-voter group, or every other voter is stopping: nowhere to go
+                continue; // a single-voter group, or no other voter can take it: nowhere to go
             }
             leading += 1;
             let caught_up = |id: &u64| {

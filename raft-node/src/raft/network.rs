@@ -80,9 +80,11 @@ pub struct PeerChannels {
     channels: Mutex<HashMap<String, Channel>>,
     token: BearerToken,
     tls: Option<ClientTlsConfig>,
-    /// When each peer last refused a leadership because it is stopping
-    /// ([`STOPPING_REFUSAL`]): a node handing over its leaderships skips those peers.
-    stopping: Mutex<HashMap<NodeId, Instant>>,
+    /// When each peer last showed it cannot take a leadership now: it refused one because it
+    /// is stopping ([`STOPPING_REFUSAL`]), or a call to it failed UNAVAILABLE (it is draining
+    /// to stop, or nothing listens at its address). A node handing over its leaderships skips
+    /// those peers.
+    unavailable: Mutex<HashMap<NodeId, Instant>>,
 }
 
 /// A node's answer to `TransferLeader` while it stops. Matched exactly by the sender, which
@@ -91,17 +93,17 @@ pub const STOPPING_REFUSAL: &str = "node is stopping: it takes no leadership";
 
 impl PeerChannels {
     pub fn new(peer_token: Option<&str>, tls: Option<ClientTlsConfig>) -> Self {
-        PeerChannels { channels: Mutex::default(), token: BearerToken::new(peer_token), tls, stopping: Mutex::default() }
+        PeerChannels { channels: Mutex::default(), token: BearerToken::new(peer_token), tls, unavailable: Mutex::default() }
     }
 
-    fn note_stopping(&self, peer: NodeId) {
-        self.stopping.lock().expect("stopping peers lock").insert(peer, Instant::now());
+    fn note_unavailable(&self, peer: NodeId) {
+        self.unavailable.lock().expect("unavailable peers lock").insert(peer, Instant::now());
     }
 
-    /// Peers that refused a leadership since `since`, because they are stopping. (An older
-    /// refusal says nothing: that peer may have been restarted meanwhile.)
-    pub fn stopping_since(&self, since: Instant) -> HashSet<NodeId> {
-        self.stopping.lock().expect("stopping peers lock").iter().filter(|(_, at)| **at >= since).map(|(id, _)| *id).collect()
+    /// Peers that showed since `since` that they cannot take a leadership now. (An older sign
+    /// says nothing: that peer may have been restarted meanwhile.)
+    pub fn unavailable_since(&self, since: Instant) -> HashSet<NodeId> {
+        self.unavailable.lock().expect("unavailable peers lock").iter().filter(|(_, at)| **at >= since).map(|(id, _)| *id).collect()
     }
 
     pub fn channel(&self, addr: &str) -> Result<PeerChannel, tonic::transport::Error> {
@@ -200,6 +202,16 @@ pub fn isolated() -> bool {
 }
 
 impl PeerConnection {
+    /// A failed call as openraft's error. A peer that answers UNAVAILABLE (it is draining to
+    /// stop, or nothing listens at its address) cannot take a leadership now: noted for a
+    /// hand-over in progress (a dead peer can look caught up, and would be asked forever).
+    fn failed(&self, status: tonic::Status) -> RPCError<TypeConfig> {
+        if status.code() == tonic::Code::Unavailable {
+            self.peers.note_unavailable(self.target);
+        }
+        from_status(self.target, status)
+    }
+
     fn client(&self) -> Result<RaftTransportClient<PeerChannel>, RPCError<TypeConfig>> {
         if isolated() {
             return Err(unreachable(format!("node {}: partitioned (raft-isolate)", self.target)));
@@ -224,7 +236,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.request(&rpc, &option)?;
-        let reply = self.client()?.append_entries(req).await.map_err(|s| from_status(self.target, s))?;
+        let reply = self.client()?.append_entries(req).await.map_err(|s| self.failed(s))?;
         from_reply(self.target, reply.into_inner())
     }
 
@@ -282,7 +294,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                         tracing::info!(group, target, "peer does not stream appends: one call per request from now on");
                         self.unary_appends.store(true, Ordering::Relaxed);
                     }
-                    from_status(target, status)
+                    self.failed(status)
                 })?
                 .into_inner();
             let replies = futures::stream::unfold(Some(replies), move |replies| {
@@ -371,9 +383,9 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.request(&req, &option)?;
-        let reply = self.client()?.transfer_leader(req).await.map_err(|s| from_status(self.target, s))?.into_inner();
+        let reply = self.client()?.transfer_leader(req).await.map_err(|s| self.failed(s))?.into_inner();
         if reply.error == STOPPING_REFUSAL {
-            self.peers.note_stopping(self.target);
+            self.peers.note_unavailable(self.target);
         }
         from_reply(self.target, reply)
     }
@@ -524,11 +536,11 @@ mod tests {
         assert!(replies.next().await.is_none(), "the stream is over after the error");
     }
 
-    /// A peer that refuses a leadership because it is stopping is noted, so a hand-over skips
-    /// it; a refusal from before a hand-over began says nothing (the peer may have been
-    /// restarted since). Another failure notes nothing.
+    /// A peer that refuses a leadership because it is stopping, or that nothing answers at,
+    /// is noted, so a hand-over skips it; a sign from before a hand-over began says nothing
+    /// (the peer may have been restarted since). Another failure notes nothing.
     #[tokio::test]
-    async fn a_peer_that_refuses_leadership_while_stopping_is_skipped_from_then_on() {
+    async fn a_peer_that_cannot_take_leadership_is_skipped_from_then_on() {
         let peers = Arc::new(PeerChannels::new(None, None));
         let mut network = GroupNetwork::new(7, peers.clone());
         let transfer = || TransferLeaderRequest::<TypeConfig>::new(openraft::Vote::new(1, 1), 2, None);
@@ -543,7 +555,12 @@ mod tests {
         let mut peer = network.new_client(2, &Node { addr: stopping }).await;
         let refused = peer.transfer_leader(transfer(), option()).await.expect_err("a stopping peer refuses");
         assert!(refused.to_string().contains(STOPPING_REFUSAL), "{refused}");
-        assert_eq!(peers.stopping_since(earlier), HashSet::from([2]), "the refusal is noted, the other failure is not");
-        assert!(peers.stopping_since(Instant::now()).is_empty(), "a hand-over begun after the refusal does not skip the peer");
+        assert_eq!(peers.unavailable_since(earlier), HashSet::from([2]), "the refusal is noted, the other failure is not");
+
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+        let mut dead = network.new_client(4, &Node { addr: gone }).await;
+        assert!(dead.transfer_leader(transfer(), option()).await.is_err(), "nothing listens there");
+        assert_eq!(peers.unavailable_since(earlier), HashSet::from([2, 4]), "a peer nothing answers at is noted too");
+        assert!(peers.unavailable_since(Instant::now()).is_empty(), "a hand-over begun after the signs does not skip those peers");
     }
 }
