@@ -262,3 +262,34 @@ async fn stopping_every_node_at_once_ends_each_and_loses_nothing() {
     let report = cluster.settled_reconcile().await.unwrap();
     assert!(report.mismatches.is_empty() && report.pending_transfers == 0, "{report:#?}");
 }
+
+/// A cluster stopped one node at a time (SIGTERM, each waiting for the last to exit): each
+/// node hands its leaderships to the nodes still running, and the last one has nobody left.
+/// A peer that has already exited can still look caught up to it (nothing new was written
+/// since), and asking it fails; the node must count it out rather than ask again until
+/// `raft.stop_hand_over_ms` runs out (here 120 s, longer than the harness waits for an exit,
+/// 60 s). Started again, the cluster has lost nothing acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stopping_the_nodes_one_by_one_ends_each_and_loses_nothing() {
+    let mut spec = ClusterSpec::default();
+    spec.raft.stop_hand_over_ms = 120_000;
+    let mut cluster = Cluster::start(spec).await.unwrap();
+    cluster.deposit("alice", 1_000_000).await.unwrap();
+    let client = cluster.client();
+    let packet = client.create_packet(NewPacket::lucky("alice", 500, 5, Recipients::Anyone)).await.unwrap();
+    let share = client.grab_and_open(&packet.packet_id, "before-the-stop").await.unwrap();
+
+    for id in [2, 3, 1] {
+        cluster.terminate(id).await.unwrap_or_else(|e| panic!("node {id}: {e}"));
+    }
+    let ids = cluster.node_ids();
+    for id in &ids {
+        cluster.start_node(*id).unwrap();
+    }
+    for id in &ids {
+        cluster.wait_serving(*id).await.unwrap();
+    }
+    cluster.wait_all_leaders().await.unwrap();
+    let acked = vec![(packet.packet_id.clone(), "before-the-stop".to_string(), share.amount_cents)];
+    check_acked(&cluster, &ids, &acked).await;
+}

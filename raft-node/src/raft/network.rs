@@ -204,7 +204,8 @@ pub fn isolated() -> bool {
 impl PeerConnection {
     /// A failed call as openraft's error. A peer that answers UNAVAILABLE (it is draining to
     /// stop, or nothing listens at its address) cannot take a leadership now: noted for a
-    /// hand-over in progress (a dead peer can look caught up, and would be asked forever).
+    /// hand-over in progress. (A peer that has exited can still look caught up; the last node
+    /// of a cluster stopped one by one asked its gone peers until its window ran out.)
     fn failed(&self, status: tonic::Status) -> RPCError<TypeConfig> {
         if status.code() == tonic::Code::Unavailable {
             self.peers.note_unavailable(self.target);
