@@ -71,6 +71,17 @@ async fn check_acked(cluster: &Cluster, nodes: &[u64], acked: &Acked) {
     }
 }
 
+/// Starts the stopped nodes `ids` again and waits until every group has a leader.
+async fn start_again(cluster: &mut Cluster, ids: &[u64]) {
+    for id in ids {
+        cluster.start_node(*id).unwrap();
+    }
+    for id in ids {
+        cluster.wait_serving(*id).await.unwrap();
+    }
+    cluster.wait_all_leaders().await.unwrap();
+}
+
 async fn voters_everywhere(cluster: &Cluster, nodes: &[u64]) -> BTreeSet<Vec<u64>> {
     let mut sets = BTreeSet::new();
     for n in nodes {
@@ -247,13 +258,7 @@ async fn stopping_every_node_at_once_ends_each_and_loses_nothing() {
     stop.store(true, Ordering::SeqCst);
     let ids = cluster.node_ids();
     cluster.terminate_all(&ids).await.unwrap();
-    for id in &ids {
-        cluster.start_node(*id).unwrap();
-    }
-    for id in &ids {
-        cluster.wait_serving(*id).await.unwrap();
-    }
-    cluster.wait_all_leaders().await.unwrap();
+    start_again(&mut cluster, &ids).await;
 
     // Calls in flight at the stop may have failed; whatever was acknowledged must be there.
     let (acked, _) = load.await.unwrap();
@@ -283,13 +288,7 @@ async fn stopping_the_nodes_one_by_one_ends_each_and_loses_nothing() {
         cluster.terminate(id).await.unwrap_or_else(|e| panic!("node {id}: {e}"));
     }
     let ids = cluster.node_ids();
-    for id in &ids {
-        cluster.start_node(*id).unwrap();
-    }
-    for id in &ids {
-        cluster.wait_serving(*id).await.unwrap();
-    }
-    cluster.wait_all_leaders().await.unwrap();
+    start_again(&mut cluster, &ids).await;
     let acked = vec![(packet.packet_id.clone(), "before-the-stop".to_string(), share.amount_cents)];
     check_acked(&cluster, &ids, &acked).await;
 }
