@@ -71,6 +71,17 @@ async fn check_acked(cluster: &Cluster, nodes: &[u64], acked: &Acked) {
     }
 }
 
+/// A 3-node cluster (alice funded) whose nodes wait up to 120 s for their leaderships to
+/// move on SIGTERM: longer than the harness waits for an exit (60 s), so a node that sat out
+/// its window fails the test.
+async fn cluster_with_a_long_hand_over() -> Cluster {
+    let mut spec = ClusterSpec::default();
+    spec.raft.stop_hand_over_ms = 120_000;
+    let cluster = Cluster::start(spec).await.unwrap();
+    cluster.deposit("alice", 10_000_000).await.unwrap();
+    cluster
+}
+
 /// Starts the stopped nodes `ids` again and waits until every group has a leader.
 async fn start_again(cluster: &mut Cluster, ids: &[u64]) {
     for id in ids {
@@ -247,10 +258,7 @@ async fn a_rolling_restart_with_sigterm_shows_the_client_no_error() {
 /// again, it has lost nothing acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stopping_every_node_at_once_ends_each_and_loses_nothing() {
-    let mut spec = ClusterSpec::default();
-    spec.raft.stop_hand_over_ms = 120_000;
-    let mut cluster = Cluster::start(spec).await.unwrap();
-    cluster.deposit("alice", 10_000_000).await.unwrap();
+    let mut cluster = cluster_with_a_long_hand_over().await;
     let stop = Arc::new(AtomicBool::new(false));
     let load = start_load(cluster.client(), stop.clone());
     tokio::time::sleep(Duration::from_millis(1_000)).await;
@@ -276,10 +284,7 @@ async fn stopping_every_node_at_once_ends_each_and_loses_nothing() {
 /// 60 s). Started again, the cluster has lost nothing acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stopping_the_nodes_one_by_one_ends_each_and_loses_nothing() {
-    let mut spec = ClusterSpec::default();
-    spec.raft.stop_hand_over_ms = 120_000;
-    let mut cluster = Cluster::start(spec).await.unwrap();
-    cluster.deposit("alice", 1_000_000).await.unwrap();
+    let mut cluster = cluster_with_a_long_hand_over().await;
     let client = cluster.client();
     let packet = client.create_packet(NewPacket::lucky("alice", 500, 5, Recipients::Anyone)).await.unwrap();
     let share = client.grab_and_open(&packet.packet_id, "before-the-stop").await.unwrap();

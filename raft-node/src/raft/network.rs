@@ -334,13 +334,13 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
 
     async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.request(&rpc, &option)?;
-        let reply = self.client()?.vote(req).await.map_err(|s| from_status(self.target, s))?;
+        let reply = self.client()?.vote(req).await.map_err(|s| self.failed(s))?;
         from_reply(self.target, reply.into_inner())
     }
 
     async fn pre_vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.request(&rpc, &option)?;
-        let reply = self.client()?.pre_vote(req).await.map_err(|s| from_status(self.target, s))?;
+        let reply = self.client()?.pre_vote(req).await.map_err(|s| self.failed(s))?;
         from_reply(self.target, reply.into_inner())
     }
 

@@ -205,7 +205,7 @@ async fn run(group: u32, raft: Raft, mut queue: mpsc::Receiver<Submission>, metr
         let hold_deadline = hold.map(|h| h.until);
         tokio::select! {
             Some((batch, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                let answered = Vec::len(&batch);
+                let answered = Vec::len(&batch); // (`batch.len()`: its type is not inferred yet here)
                 answer(group, batch, result, &mut waiting);
                 hold = Hold::after(answered, next.len(), tokio::time::Instant::now());
             }
@@ -214,7 +214,8 @@ async fn run(group: u32, raft: Raft, mut queue: mpsc::Receiver<Submission>, metr
                 Some(sub) => next.extend(waiting.admit(sub, &metrics)),
                 None => return,
             },
-            _ = tokio::time::sleep_until(hold_deadline.unwrap_or_else(tokio::time::Instant::now)), if hold_deadline.is_some() => {}
+            // (Without a hold the branch is off, and this builds no timer and reads no clock.)
+            _ = async { if let Some(until) = hold_deadline { tokio::time::sleep_until(until).await } }, if hold_deadline.is_some() => {}
             else => {}
         }
         // Take everything that is already queued, up to a full batch.
