@@ -126,7 +126,7 @@ async fn rejected_requests_name_the_field_and_change_nothing() {
         item(pb::Operation::GrabAndOpen, "not-an-id", "bob"),
         pb::BatchItem { operation: 9, ..item(pb::Operation::Open, &id, "bob") },
     ];
-    let results = rpc.batch(pb::BatchRequest { items: bad_items }).await.unwrap().into_inner().results;
+    let results = rpc.batch(pb::BatchRequest { items: bad_items.clone(), seq: 0 }).await.unwrap().into_inner().results;
     assert_eq!(results.len(), 3, "one result per item");
     for (result, field) in results.iter().zip(["user", "packet_id", "items[2].operation"]) {
         assert_eq!(result.code, Code::InvalidArgument as i32, "{result:?}");
@@ -134,7 +134,18 @@ async fn rejected_requests_name_the_field_and_change_nothing() {
         assert_eq!(result.reason, "INVALID_INPUT", "{result:?}");
     }
     let too_many = vec![item(pb::Operation::Grab, &id, "bob"); redpacket_proto::MAX_BATCH_ITEMS + 1];
-    assert_refused(rpc.batch(pb::BatchRequest { items: too_many }).await, Code::InvalidArgument, "items");
+    assert_refused(rpc.batch(pb::BatchRequest { items: too_many.clone(), seq: 0 }).await, Code::InvalidArgument, "items");
+    // The same on a `BatchStream`: a request is answered as the unary call, under its `seq`,
+    // and an oversized one ends the stream with the unary call's status.
+    let (requests, outgoing) = tokio::sync::mpsc::channel(2);
+    let mut answers = rpc.batch_stream(tokio_stream::wrappers::ReceiverStream::new(outgoing)).await.unwrap().into_inner();
+    requests.send(pb::BatchRequest { items: bad_items, seq: 7 }).await.unwrap();
+    let answer = answers.message().await.unwrap().expect("an answer on the stream");
+    assert_eq!((answer.seq, &answer.results), (7, &results), "the unary call's results, under the request's seq");
+    requests.send(pb::BatchRequest { items: too_many, seq: 8 }).await.unwrap();
+    let status = answers.message().await.expect_err("an oversized request ends the stream");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("items"), "message {:?} must name items", status.message());
     assert_refused(
         rpc.get_packet(pb::GetPacketRequest { packet_id: id.clone(), consistency: 7 }).await,
         Code::InvalidArgument,

@@ -5,7 +5,15 @@
 //! its own validation, metrics, log span, forwarding and leader hint, and all run side by
 //! side, so they reach their group's batcher together and share log entries. Each item's
 //! answer is the status its single call would have ended with.
+//!
+//! `RedPacket/BatchStream` carries the same requests on one long-lived stream, so a gateway
+//! pays no HTTP/2 stream, headers, trailers or server task per request. Each message is
+//! served exactly as a `Batch` request, and answered with its `seq` as soon as it is done.
 
+use std::pin::Pin;
+
+use futures::Stream;
+use futures::StreamExt;
 use redpacket_proto::LEADER_METADATA_KEY;
 use redpacket_proto::MAX_BATCH_ITEMS;
 use redpacket_proto::REASON_METADATA_KEY;
@@ -14,6 +22,7 @@ use redpacket_proto::v1::red_packet_server::RedPacket;
 use tonic::Request;
 use tonic::Response;
 use tonic::Status;
+use tonic::Streaming;
 
 use super::FORWARDED_HEADER;
 use super::packets::PacketService;
@@ -31,7 +40,51 @@ pub async fn serve(service: &PacketService, request: Request<pb::BatchRequest>) 
     // stop this task part-way through a large request, the group's batcher would propose the
     // first part alone, and every item of the request would wait for two log entries.
     let results = tokio::task::unconstrained(futures::future::join_all(answers)).await;
-    Ok(Response::new(pb::BatchResponse { results }))
+    Ok(Response::new(pb::BatchResponse { results, seq: 0 }))
+}
+
+/// The answers of one `BatchStream`.
+pub type AnswerStream = Pin<Box<dyn Stream<Item = Result<pb::BatchResponse, Status>> + Send + 'static>>;
+
+/// Requests of one stream served at once. The client crate has at most 4 in flight per node;
+/// this bounds what another sender can make one stream hold.
+const STREAM_REQUESTS_AT_ONCE: usize = 64;
+
+/// Serves every request message of a `BatchStream` as [`serve`] serves a `Batch` request, side by
+/// side, and answers each with its `seq` as soon as it is done.
+///
+/// The stream ends when the sender closes its half, or when this node starts to stop
+/// (`draining`): then no further message is read, the ones read are answered, and the stream
+/// ends, so that the server's graceful stop does not wait for the gateway. The gateway fails the
+/// requests it sent meanwhile as UNAVAILABLE and retries them elsewhere. A request the unary call
+/// would refuse as a whole (more than [`MAX_BATCH_ITEMS`] items) ends the stream with that status.
+pub fn serve_stream(
+    service: PacketService,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+    request: Request<Streaming<pb::BatchRequest>>,
+) -> Result<Response<AnswerStream>, Status> {
+    if *draining.borrow() {
+        return Err(Status::unavailable("node is stopping; retry"));
+    }
+    let forwarded = request.metadata().contains_key(FORWARDED_HEADER);
+    let drained = async move {
+        let _ = draining.wait_for(|draining| *draining).await;
+    };
+    // A broken request half ends the stream like a closed one.
+    let requests = tokio_stream::StreamExt::map_while(request.into_inner(), |message| message.ok());
+    let answers = requests
+        .take_until(drained)
+        .map(move |message| {
+            let service = service.clone();
+            async move {
+                let seq = message.seq;
+                let mut answer = service.batch(self::request(forwarded, message)).await?.into_inner();
+                answer.seq = seq;
+                Ok(answer)
+            }
+        })
+        .buffer_unordered(STREAM_REQUESTS_AT_ONCE);
+    Ok(Response::new(Box::pin(answers)))
 }
 
 /// One item, through the single call's handler.

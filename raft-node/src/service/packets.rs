@@ -56,6 +56,7 @@ enum FastPath {
     Log { shares_left: Option<u32> },
 }
 
+#[derive(Clone)]
 pub struct PacketService {
     ctx: Arc<NodeContext>,
 }
@@ -416,5 +417,14 @@ impl RedPacket for PacketService {
 
     async fn batch(&self, request: Request<pb::BatchRequest>) -> Result<Response<pb::BatchResponse>, Status> {
         self.observed("batch", "", super::batch::serve(self, request)).await
+    }
+
+    type BatchStreamStream = super::batch::AnswerStream;
+
+    async fn batch_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::BatchRequest>>,
+    ) -> Result<Response<Self::BatchStreamStream>, Status> {
+        super::batch::serve_stream(self.clone(), self.ctx.draining.subscribe(), request)
     }
 }
