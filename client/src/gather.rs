@@ -43,7 +43,8 @@ use crate::AuthChannel;
 
 /// Batch requests one endpoint may have in flight at once. More than one lets a request
 /// travel while the node still answers the previous one; a few suffice, since the node
-/// batches again into its log.
+/// batches again into its log. (With the stream, 2 and 8 were measured against 4 on `many`:
+/// within the noise.)
 pub const MAX_IN_FLIGHT: usize = 4;
 /// How long one batch request may go unanswered, so a node that stops answering (but keeps
 /// its connection) cannot hold the endpoint's in-flight slots forever. Each caller's own

@@ -47,7 +47,8 @@ pub async fn serve(service: &PacketService, request: Request<pb::BatchRequest>) 
 pub type AnswerStream = Pin<Box<dyn Stream<Item = Result<pb::BatchResponse, Status>> + Send + 'static>>;
 
 /// Requests of one stream served at once. The client crate has at most 4 in flight per node;
-/// this bounds what another sender can make one stream hold.
+/// this bounds what another sender can make one stream hold. They run in the stream's own task
+/// (a task spawned per request was measured, 3 alternating pairs of `many`: no gain).
 const STREAM_REQUESTS_AT_ONCE: usize = 64;
 
 /// Serves every request message of a `BatchStream` as [`serve`] serves a `Batch` request, side by
