@@ -296,7 +296,7 @@ pub async fn race<T: Target>(
                     pick = (pick + 1) % ids.len();
                     if !open[pick].load(Ordering::Relaxed) {
                         skipped += 1;
-                        if skipped % 256 == 0 {
+                        if skipped.is_multiple_of(256) {
                             tokio::task::yield_now().await;
                         }
                         continue;

@@ -291,20 +291,20 @@ fn request(items: Vec<pb::BatchItem>) -> tonic::Request<pb::BatchRequest> {
 /// An item's result as the single call's response or status, with the same metadata.
 fn answer_of(result: pb::BatchResult) -> Answer {
     let mut metadata = MetadataMap::new();
-    if !result.leader.is_empty() {
-        if let Ok(v) = result.leader.parse() {
-            metadata.insert(LEADER_METADATA_KEY, v);
-        }
+    if !result.leader.is_empty()
+        && let Ok(v) = result.leader.parse()
+    {
+        metadata.insert(LEADER_METADATA_KEY, v);
     }
     if result.code == Code::Ok as i32 {
         let mut resp = tonic::Response::new(result);
         *resp.metadata_mut() = metadata;
         return Ok(resp);
     }
-    if !result.reason.is_empty() {
-        if let Ok(v) = result.reason.parse() {
-            metadata.insert(REASON_METADATA_KEY, v);
-        }
+    if !result.reason.is_empty()
+        && let Ok(v) = result.reason.parse()
+    {
+        metadata.insert(REASON_METADATA_KEY, v);
     }
     Err(Status::with_metadata(Code::from_i32(result.code), result.message, metadata))
 }

@@ -465,7 +465,6 @@ impl Client {
         let req = pb::RemoveNodeRequest { node_id };
         let stream = self
             .retry(|ch| {
-                let req = req.clone();
                 async move { ClusterAdminClient::new(ch).remove_node(req).await }
             })
             .await?;
@@ -476,7 +475,6 @@ impl Client {
     pub async fn transfer_leader(&self, group: u32, to: u64) -> Result<(), Error> {
         let req = pb::TransferLeaderRequest { group, to };
         self.retry(|ch| {
-            let req = req.clone();
             async move { ClusterAdminClient::new(ch).transfer_leader(req).await }
         })
         .await?;

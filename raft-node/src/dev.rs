@@ -84,10 +84,10 @@ pub async fn run(dir: PathBuf, base_port: u16, nodes: u64) -> anyhow::Result<()>
 
 async fn wait_until_serving(endpoint: &str) -> anyhow::Result<pb::NodeStatus> {
     for _ in 0..300 {
-        if let Ok(mut c) = ClusterAdminClient::connect(endpoint.to_string()).await {
-            if let Ok(s) = c.status(pb::StatusRequest::default()).await {
-                return Ok(s.into_inner());
-            }
+        if let Ok(mut c) = ClusterAdminClient::connect(endpoint.to_string()).await
+            && let Ok(s) = c.status(pb::StatusRequest::default()).await
+        {
+            return Ok(s.into_inner());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

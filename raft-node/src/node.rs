@@ -181,10 +181,10 @@ pub async fn hand_over_leaderships(groups: &Groups, peers: &PeerChannels, wait: 
                 m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| Some(l.index) >= m.last_log_index).unwrap_or(false)
             };
             let preferred = balance::preferred_leader(group, &others).filter(|p| caught_up(p));
-            if let Some(to) = preferred.or_else(|| others.iter().copied().find(|o| caught_up(o))) {
-                if let Err(e) = raft.trigger().transfer_leader(to).await {
-                    tracing::warn!(group, "hand-over to node {to}: {e}");
-                }
+            if let Some(to) = preferred.or_else(|| others.iter().copied().find(|o| caught_up(o)))
+                && let Err(e) = raft.trigger().transfer_leader(to).await
+            {
+                tracing::warn!(group, "hand-over to node {to}: {e}");
             }
         }
         if leading == 0 || tokio::time::Instant::now() >= deadline {

@@ -464,11 +464,11 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             for id in self.node_ids().into_iter().filter(|id| self.is_running(*id)) {
-                if let Ok(s) = self.status_of(id).await {
-                    if let Some(g) = s.groups.iter().find(|g| g.group == group && g.role == "leader") {
-                        let _ = g;
-                        return Ok(id);
-                    }
+                if let Ok(s) = self.status_of(id).await
+                    && let Some(g) = s.groups.iter().find(|g| g.group == group && g.role == "leader")
+                {
+                    let _ = g;
+                    return Ok(id);
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

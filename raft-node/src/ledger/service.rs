@@ -82,7 +82,7 @@ impl LedgerService {
         &self,
         op: impl FnOnce(&Ledger) -> Result<T, LedgerError> + Send + 'static,
     ) -> Result<Response<T>, Status> {
-        let faults = self.faults.lock().expect("faults lock").clone();
+        let faults = *self.faults.lock().expect("faults lock");
         let (fail_before, fail_after, delay) = {
             let mut rng = rand::rng();
             (
@@ -196,7 +196,7 @@ impl PaymentLedger for LedgerService {
                 return Err(Status::invalid_argument(format!("{name}: must be between 0 and 1")));
             }
         }
-        *self.faults.lock().expect("faults lock") = f.clone();
+        *self.faults.lock().expect("faults lock") = f;
         tracing::warn!(?f, "fault injection changed");
         Ok(Response::new(f))
     }

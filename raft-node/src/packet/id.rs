@@ -64,7 +64,7 @@ impl PacketId {
     /// The Raft group holding this packet: xxh3-64 of the hex part, modulo the group count.
     /// xxh3 is specified bit-for-bit, so this never changes across versions or platforms.
     pub fn group(&self, groups: u32) -> u32 {
-        (xxh3_64(self.0[DATE_LEN..].as_bytes()) % u64::from(groups)) as u32
+        (xxh3_64(&self.0.as_bytes()[DATE_LEN..]) % u64::from(groups)) as u32
     }
 }
 

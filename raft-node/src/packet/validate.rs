@@ -94,7 +94,7 @@ impl CreateRequest {
                 format!("{} cents cannot give each of {} shares at least 1 cent", self.total, self.shares),
             ));
         }
-        if self.kind == Kind::Equal && self.total % u64::from(self.shares) != 0 {
+        if self.kind == Kind::Equal && !self.total.is_multiple_of(u64::from(self.shares)) {
             return Err(PacketError::invalid(
                 "total_cents",
                 format!("an equal packet's total must divide evenly into {} shares", self.shares),

@@ -72,10 +72,10 @@ impl Groups {
                 // Borrow, don't clone: this runs on every request.
                 let metrics = raft.metrics();
                 let m = metrics.borrow_watched();
-                if let Some(leader) = m.current_leader {
-                    if let Some(node) = m.membership_config.membership().get_node(&leader) {
-                        return Some((leader, node.clone()));
-                    }
+                if let Some(leader) = m.current_leader
+                    && let Some(node) = m.membership_config.membership().get_node(&leader)
+                {
+                    return Some((leader, node.clone()));
                 }
             }
             if tokio::time::Instant::now() >= deadline {

@@ -124,12 +124,12 @@ impl Waiting {
     }
 
     fn release(&mut self, sub: &Submission) {
-        if let (PacketOp::Grab { packet_id, .. }, Some(_)) = (&sub.op, sub.shares_left) {
-            if let Some(n) = self.0.get_mut(packet_id) {
-                *n -= 1;
-                if *n == 0 {
-                    self.0.remove(packet_id);
-                }
+        if let (PacketOp::Grab { packet_id, .. }, Some(_)) = (&sub.op, sub.shares_left)
+            && let Some(n) = self.0.get_mut(packet_id)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(packet_id);
             }
         }
     }
@@ -179,6 +179,8 @@ impl Hold {
 }
 
 /// How a proposed batch ended.
+// Unboxed on purpose: it lives briefly on the stack on the grab path; boxing would allocate per batch.
+#[allow(clippy::large_enum_variant)]
 enum Proposal {
     Applied(Reply),
     /// This node is no longer the leader; the new one, if known.

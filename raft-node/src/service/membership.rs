@@ -81,8 +81,11 @@ fn with_timeout<T>(body: T, timeout: Duration) -> tonic::Request<T> {
     req
 }
 
+/// A group's voters, learners, nodes with their addresses, and whether it is in joint consensus.
+type Members = (BTreeSet<NodeId>, BTreeSet<NodeId>, Vec<(NodeId, Node)>, bool);
+
 /// Voters and learners of a group as this node last saw them.
-fn members_of(ctx: &NodeContext, group: u32) -> (BTreeSet<NodeId>, BTreeSet<NodeId>, Vec<(NodeId, Node)>, bool) {
+fn members_of(ctx: &NodeContext, group: u32) -> Members {
     let raft = ctx.groups.get(group).expect("group exists");
     let m = raft.metrics().borrow_watched().clone();
     let membership = m.membership_config.membership();
@@ -377,7 +380,7 @@ pub fn remove_node(ctx: Arc<NodeContext>, req: pb::RemoveNodeRequest) -> mpsc::R
                     let to = preferred_leader(group, &remaining).expect("remaining voters");
                     let step = pb::TransferLeaderRequest { group, to };
                     // Best effort: removing a leader also works, it just costs an election.
-                    let moved = retrying(|| async { me(&ctx)?.transfer_leader(with_timeout(step.clone(), Duration::from_secs(15))).await });
+                    let moved = retrying(|| async { me(&ctx)?.transfer_leader(with_timeout(step, Duration::from_secs(15))).await });
                     if let Err(e) = moved.await {
                         tracing::warn!(group, "moving leadership off node {}: {}", req.node_id, e.message());
                     }

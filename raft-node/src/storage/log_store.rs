@@ -142,7 +142,7 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
                 let entry: EntryOf<TypeConfig> = codec::decode(&value)?;
                 Some(entry.log_id())
             }
-            None => last_purged.clone(),
+            None => last_purged,
         };
         Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
     }
@@ -154,7 +154,7 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
     async fn save_vote(&mut self, vote: &VoteOf<TypeConfig>) -> Result<(), io::Error> {
         // A vote must be durable before it is answered: synced write.
         let this = self.clone();
-        let vote = vote.clone();
+        let vote = *vote;
         tokio::task::spawn_blocking(move || this.put_raft(keys::RAFT_VOTE, &vote, Durability::Synced))
             .await
             .map_err(io::Error::other)?

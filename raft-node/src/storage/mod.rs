@@ -228,7 +228,7 @@ impl StateReader<'_> {
     }
 
     /// Keys (and values) under `prefix`, at most `limit`.
-    fn scan(&self, prefix: &[u8], limit: usize) -> io::Result<Vec<(Box<[u8]>, Box<[u8]>)>> {
+    fn scan(&self, prefix: &[u8], limit: usize) -> io::Result<Vec<KeyValue>> {
         scan(self.db, prefix, limit)
     }
 
@@ -335,8 +335,11 @@ impl StateReader<'_> {
     }
 }
 
+/// A key and its value, as read from RocksDB.
+type KeyValue = (Box<[u8]>, Box<[u8]>);
+
 /// Keys (and values) of the `sm` family under `prefix`, at most `limit`.
-fn scan(db: &DB, prefix: &[u8], limit: usize) -> io::Result<Vec<(Box<[u8]>, Box<[u8]>)>> {
+fn scan(db: &DB, prefix: &[u8], limit: usize) -> io::Result<Vec<KeyValue>> {
     let cf = db.cf_handle(keys::CF_SM).expect("cf sm");
     let mut opts = ReadOptions::default();
     opts.set_iterate_upper_bound(keys::prefix_end(prefix));

@@ -218,7 +218,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                 EntryPayload::Blank => Reply::Empty,
                 EntryPayload::Normal(ref command) => txn.apply(command)?,
                 EntryPayload::Membership(ref membership) => {
-                    state.membership = StoredMembershipOf::<TypeConfig>::new(Some(log_id.clone()), membership.clone());
+                    state.membership = StoredMembershipOf::<TypeConfig>::new(Some(log_id), membership.clone());
                     Reply::Empty
                 }
             };
@@ -265,7 +265,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                 key.extend_from_slice(k);
                 batch.put_cf(cf, key, v);
             }
-            let state = AppliedState { last_applied: meta.last_log_id.clone(), membership: meta.last_membership.clone() };
+            let state = AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
             batch.put_cf(cf_meta, keys::group_prefix(this.group), codec::encode(&state)?);
             let mut opts = rocksdb::WriteOptions::default();
             opts.set_sync(true);

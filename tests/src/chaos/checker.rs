@@ -63,10 +63,10 @@ fn is_sold_out(e: &Event) -> bool {
 pub fn check(events: &[Event], packets: &HashMap<String, Packet>) -> Verdict {
     let mut v = Verdict::default();
     for e in events {
-        if let Outcome::Created { packet_id } = &e.outcome {
-            if !packets.contains_key(packet_id) {
-                v.problems.push(format!("acknowledged create of {packet_id} at {} ms is missing", e.end_ms));
-            }
+        if let Outcome::Created { packet_id } = &e.outcome
+            && !packets.contains_key(packet_id)
+        {
+            v.problems.push(format!("acknowledged create of {packet_id} at {} ms is missing", e.end_ms));
         }
     }
     let mut by_packet: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();

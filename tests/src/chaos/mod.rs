@@ -198,11 +198,14 @@ async fn settle(cluster: &Cluster) -> anyhow::Result<redpacket_client::Reconcile
     }
 }
 
+/// A replica's node id, last applied index and state digest.
+type Replica = (u64, Option<u64>, Option<u64>);
+
 /// Every group's replicas reach the same applied index with the same state digest.
 async fn replicas_agree(cluster: &Cluster) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut by_group: BTreeMap<u32, Vec<(u64, Option<u64>, Option<u64>)>> = BTreeMap::new();
+        let mut by_group: BTreeMap<u32, Vec<Replica>> = BTreeMap::new();
         for id in cluster.node_ids() {
             let client = cluster.client_of(id);
             if let Some((_, Ok(status))) = client.cluster_status_with(true).await.pop() {
