@@ -159,9 +159,10 @@ async fn run(channel: AuthChannel, mut queue: mpsc::Receiver<Queued>) {
                 }
             }
             let sending = stream.as_mut().expect("opened above");
-            if let Err(batch) = sending.send(batch) {
-                end(&mut stream, Status::unavailable("the batch stream closed; retry"));
-                fail(batch.into_iter().map(|q| q.reply), &Status::unavailable("the batch stream closed; retry"));
+            if let Err(replies) = sending.send(batch) {
+                let closed = Status::unavailable("the batch stream closed; retry");
+                fail(replies.into_iter(), &closed);
+                end(&mut stream, closed);
             }
         }
     }
@@ -204,15 +205,14 @@ impl BatchStream {
         Ok(BatchStream { requests, answers, awaiting: HashMap::new(), next_seq: 0 })
     }
 
-    /// Sends `batch` as the next request; gives it back when the stream is closed.
-    fn send(&mut self, batch: Vec<Queued>) -> Result<(), Vec<Queued>> {
+    /// Sends `batch` as the next request; gives its callers back when the stream is closed.
+    fn send(&mut self, batch: Vec<Queued>) -> Result<(), Vec<oneshot::Sender<Answer>>> {
         let seq = self.next_seq;
-        let items = batch.iter().map(|q| q.item.clone()).collect();
+        let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|q| (q.item, q.reply)).unzip();
         if self.requests.try_send(pb::BatchRequest { items, seq }).is_err() {
-            return Err(batch);
+            return Err(replies);
         }
         self.next_seq += 1;
-        let replies = batch.into_iter().map(|q| q.reply).collect();
         self.awaiting.insert(seq, Awaiting { replies, sent: Instant::now() });
         Ok(())
     }
