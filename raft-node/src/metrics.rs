@@ -37,6 +37,7 @@ pub struct Metrics {
     lag: IntGaugeVec,
     unsettled: IntGaugeVec,
     rocksdb_bytes: IntGauge,
+    batch_streams: IntGauge,
     last_leader: Mutex<HashMap<u32, Option<u64>>>,
 }
 
@@ -68,6 +69,8 @@ impl Metrics {
         let lag = must(IntGaugeVec::new(Opts::new("raft_replication_lag_entries", "Entries a follower is behind (on the leader)"), &["group", "follower"]));
         let unsettled = must(IntGaugeVec::new(Opts::new("unsettled_transfers", "Transfers recorded but not yet settled, per group"), &["group"]));
         let rocksdb_bytes = must(IntGauge::new("rocksdb_size_bytes", "RocksDB SST files plus memtables"));
+        let batch_streams =
+            must(IntGauge::new("batch_streams_open", "Clients' BatchStreams open on this node (a client keeps one per node it sends to)"));
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
@@ -81,6 +84,7 @@ impl Metrics {
             Box::new(lag.clone()),
             Box::new(unsettled.clone()),
             Box::new(rocksdb_bytes.clone()),
+            Box::new(batch_streams.clone()),
         ] {
             must(registry.register(c));
         }
@@ -98,6 +102,7 @@ impl Metrics {
             lag,
             unsettled,
             rocksdb_bytes,
+            batch_streams,
             last_leader: Mutex::default(),
         })
     }
@@ -119,6 +124,12 @@ impl Metrics {
 
     pub fn admission_refused(&self) {
         self.admission_refused.inc();
+    }
+
+    /// Counts a client's `BatchStream` as open until the returned guard is dropped, with the stream.
+    pub fn batch_stream_open(self: &Arc<Self>) -> OpenBatchStream {
+        self.batch_streams.inc();
+        OpenBatchStream(self.clone())
     }
 
     /// Samples Raft and storage figures (the fsync count is read at each scrape, in [`Metrics::render`]).
@@ -162,6 +173,15 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// An open `BatchStream`, counted in `redpacket_batch_streams_open` while it lives.
+pub struct OpenBatchStream(Arc<Metrics>);
+
+impl Drop for OpenBatchStream {
+    fn drop(&mut self) {
+        self.0.batch_streams.dec();
     }
 }
 

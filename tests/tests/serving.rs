@@ -82,6 +82,8 @@ async fn prometheus_metrics_report_requests_raft_and_money() {
         "redpacket_raft_is_leader",
         "redpacket_unsettled_transfers",
         "redpacket_rocksdb_size_bytes",
+        // The client's grabs went as messages on one stream to node 1, which it still holds.
+        r#"redpacket_batch_streams_open{node="1"} 1"#,
     ] {
         assert!(text.contains(expected), "missing {expected} in:\n{text}");
     }
@@ -92,6 +94,17 @@ async fn prometheus_metrics_report_requests_raft_and_money() {
         .sum();
     let status = cluster.status_of(1).await.unwrap();
     assert_eq!(leads, status.groups.iter().filter(|g| g.role == "leader").count() as i64);
+
+    // A client that goes away closes its stream, and the node lets go of it.
+    drop(client);
+    let closed = r#"redpacket_batch_streams_open{node="1"} 0"#;
+    for _ in 0..50 {
+        if cluster.scrape(1).await.unwrap().contains(closed) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the stream of a dropped client is still open after 5 s");
 }
 
 /// A node whose metrics address is taken must refuse to start, naming the setting, rather

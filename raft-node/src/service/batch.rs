@@ -11,6 +11,7 @@
 //! served exactly as a `Batch` request, and answered with its `seq` as soon as it is done.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::Stream;
 use futures::StreamExt;
@@ -27,6 +28,7 @@ use tonic::Streaming;
 use super::FORWARDED_HEADER;
 use super::packets::PacketService;
 use super::status;
+use crate::metrics::Metrics;
 
 /// Answers every item of `request`, in order.
 pub async fn serve(service: &PacketService, request: Request<pb::BatchRequest>) -> Result<Response<pb::BatchResponse>, Status> {
@@ -62,11 +64,14 @@ const STREAM_REQUESTS_AT_ONCE: usize = 64;
 pub fn serve_stream(
     service: PacketService,
     mut draining: tokio::sync::watch::Receiver<bool>,
+    metrics: &Arc<Metrics>,
     request: Request<Streaming<pb::BatchRequest>>,
 ) -> Result<Response<AnswerStream>, Status> {
     if *draining.borrow() {
         return Err(Status::unavailable("node is stopping; retry"));
     }
+    // Dropped with the stream, whichever way it ends.
+    let open = metrics.batch_stream_open();
     let forwarded = request.metadata().contains_key(FORWARDED_HEADER);
     let drained = async move {
         let _ = draining.wait_for(|draining| *draining).await;
@@ -76,6 +81,7 @@ pub fn serve_stream(
     let answers = requests
         .take_until(drained)
         .map(move |message| {
+            let _open = &open;
             let service = service.clone();
             async move {
                 let seq = message.seq;

@@ -427,6 +427,6 @@ impl RedPacket for PacketService {
         &self,
         request: Request<tonic::Streaming<pb::BatchRequest>>,
     ) -> Result<Response<Self::BatchStreamStream>, Status> {
-        super::batch::serve_stream(self.clone(), self.ctx.draining.subscribe(), request)
+        super::batch::serve_stream(self.clone(), self.ctx.draining.subscribe(), &self.ctx.metrics, request)
     }
 }
