@@ -70,7 +70,8 @@ pub fn serve_stream(
     if *draining.borrow() {
         return Err(Status::unavailable("node is stopping; retry"));
     }
-    // Dropped with the stream, whichever way it ends.
+    // Counts the stream as open until it is dropped, whichever way it ends: the closure below
+    // owns it, and the stream owns the closure.
     let open = metrics.batch_stream_open();
     let forwarded = request.metadata().contains_key(FORWARDED_HEADER);
     let drained = async move {
@@ -81,7 +82,7 @@ pub fn serve_stream(
     let answers = requests
         .take_until(drained)
         .map(move |message| {
-            let _open = &open;
+            let _owned_by_the_stream = &open;
             let service = service.clone();
             async move {
                 let seq = message.seq;
