@@ -348,6 +348,8 @@ mod tests {
         Reversed,
         /// Reads one request and ends the stream without answering it.
         EndsAfterOne,
+        /// Reads every request and answers none, keeping the stream open: a hung node.
+        Silent,
     }
 
     /// A node over real gRPC on loopback: answers item `u<n>` with `n` cents, and counts the
@@ -406,8 +408,14 @@ mod tests {
             tokio::spawn(async move {
                 let Ok(Some(first)) = requests.message().await else { return };
                 read.notify_one();
-                if let Streams::EndsAfterOne = streams {
-                    return;
+                match streams {
+                    Streams::EndsAfterOne => return,
+                    Streams::Silent => {
+                        while let Ok(Some(_)) = requests.message().await {}
+                        drop(answers);
+                        return;
+                    }
+                    _ => {}
                 }
                 let Ok(Some(second)) = requests.message().await else { return };
                 let _ = answers.send(Ok(answer(second))).await;
@@ -439,6 +447,21 @@ mod tests {
 
     fn grab(user: &str) -> pb::BatchItem {
         pb::BatchItem { operation: pb::Operation::GrabAndOpen as i32, packet_id: "p".into(), user: user.into() }
+    }
+
+    #[tokio::test]
+    async fn a_request_left_unanswered_fails_after_the_request_timeout_and_the_next_call_opens_another_stream() {
+        let node = fake(Streams::Silent);
+        let gatherer = gatherer_for(node.clone()).await;
+        let started = Instant::now();
+        let wait = REQUEST_TIMEOUT + std::time::Duration::from_secs(5);
+        let answer = tokio::time::timeout(wait, gatherer.call(grab("u1"))).await.expect("freed by the request timeout");
+        let status = answer.expect_err("the node never answered");
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(crate::is_retryable(&status));
+        assert!(started.elapsed() >= REQUEST_TIMEOUT, "failed after {:?}, before the timeout", started.elapsed());
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), gatherer.call(grab("u2"))).await;
+        assert_eq!(node.streams_opened.load(std::sync::atomic::Ordering::SeqCst), 2, "a new stream for the next call");
     }
 
     /// Fails instead of hanging when a call is never answered.
