@@ -140,29 +140,25 @@ async fn run(channel: AuthChannel, mut queue: mpsc::Receiver<Queued>) {
             tokio::task::yield_now().await;
             take_queued(&mut queue, &mut next);
             let batch: Vec<Queued> = next.drain(..next.len().min(MAX_BATCH_ITEMS)).collect();
-            if unary_only {
-                unary.push(send(channel.clone(), batch));
-                continue;
-            }
-            if stream.is_none() {
+            if !unary_only && stream.is_none() {
                 match BatchStream::open(channel.clone()).await {
                     Ok(opened) => stream = Some(opened),
-                    Err(status) if status.code() == Code::Unimplemented => {
-                        unary_only = true;
-                        unary.push(send(channel.clone(), batch));
-                        continue;
-                    }
+                    Err(status) if status.code() == Code::Unimplemented => unary_only = true,
                     Err(status) => {
                         fail(batch.into_iter().map(|q| q.reply), &status);
                         continue;
                     }
                 }
             }
-            let sending = stream.as_mut().expect("opened above");
-            if let Err(replies) = sending.send(batch) {
-                let closed = Status::unavailable("the batch stream closed; retry");
-                fail(replies.into_iter(), &closed);
-                end(&mut stream, closed);
+            match stream.as_mut() {
+                Some(sending) if !unary_only => {
+                    if let Err(replies) = sending.send(batch) {
+                        let closed = Status::unavailable("the batch stream closed; retry");
+                        fail(replies.into_iter(), &closed);
+                        end(&mut stream, closed);
+                    }
+                }
+                _ => unary.push(send(channel.clone(), batch)),
             }
         }
     }

@@ -465,9 +465,8 @@ impl Cluster {
         while Instant::now() < deadline {
             for id in self.node_ids().into_iter().filter(|id| self.is_running(*id)) {
                 if let Ok(s) = self.status_of(id).await
-                    && let Some(g) = s.groups.iter().find(|g| g.group == group && g.role == "leader")
+                    && s.groups.iter().any(|g| g.group == group && g.role == "leader")
                 {
-                    let _ = g;
                     return Ok(id);
                 }
             }
