@@ -79,6 +79,9 @@ def main(meta_path, results_path):
     w(f"| rustc | {meta['rustc']} |")
     groups = f", 3 nodes, {meta['groups']} Raft groups (`--groups`)" if meta.get("groups") else ""
     w(f"| redpacket | commit {meta['commit']}{groups} |")
+    if meta.get("client_threads"):
+        w(f"| load generator | `redpacket-bench`, its clients on {meta['client_threads']} thread(s) "
+          "(`--client-threads`), the same for every system |")
     if meta.get("postgres"):
         w(f"| PostgreSQL | {meta['postgres']} |")
     if meta.get("postgres_settings"):
