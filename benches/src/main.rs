@@ -194,3 +194,21 @@ fn report(outcome: &load::Outcome) -> anyhow::Result<()> {
     anyhow::ensure!(outcome.verified, "the run lost or invented money: void");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::runtime::RuntimeFlavor;
+
+    use super::load_runtime;
+
+    #[test]
+    fn one_client_thread_is_a_current_thread_runtime_and_more_are_that_many_workers() {
+        for threads in [0, 1] {
+            let rt = load_runtime(threads).unwrap();
+            assert_eq!(rt.handle().runtime_flavor(), RuntimeFlavor::CurrentThread, "--client-threads {threads}");
+        }
+        let rt = load_runtime(3).unwrap();
+        assert_eq!(rt.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+        assert_eq!(rt.metrics().num_workers(), 3);
+    }
+}
