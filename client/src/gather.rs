@@ -150,15 +150,16 @@ async fn run(channel: AuthChannel, mut queue: mpsc::Receiver<Queued>) {
                     }
                 }
             }
+            // A stream is only ever opened while `unary_only` is off, so its presence decides.
             match stream.as_mut() {
-                Some(sending) if !unary_only => {
+                Some(sending) => {
                     if let Err(replies) = sending.send(batch) {
                         let closed = Status::unavailable("the batch stream closed; retry");
                         fail(replies.into_iter(), &closed);
                         end(&mut stream, closed);
                     }
                 }
-                _ => unary.push(send(channel.clone(), batch)),
+                None => unary.push(send(channel.clone(), batch)),
             }
         }
     }
