@@ -86,8 +86,16 @@ impl Transfer {
     }
 }
 
+/// How every payment's id begins (and no other transfer's).
+const PAY_PREFIX: &str = "pay:";
+
 pub fn pay_id(packet_id: &PacketId, share_index: u32) -> String {
-    format!("pay:{packet_id}:{share_index}")
+    format!("{PAY_PREFIX}{packet_id}:{share_index}")
+}
+
+/// Whether `id` is a payment's (escrow → grabber), as opposed to a funding or a refund.
+pub fn is_pay_id(id: &str) -> bool {
+    id.starts_with(PAY_PREFIX)
 }
 
 pub fn fund_id(packet_id: &PacketId) -> String {

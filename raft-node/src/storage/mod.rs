@@ -232,12 +232,12 @@ impl StateReader<'_> {
         scan(self.db, prefix, limit)
     }
 
-    /// Transfers recorded but not yet settled, at most `limit`, in id order. The ids come
-    /// from memory ([`pending`]); each transfer is read by key (one settled meanwhile is
-    /// left out).
-    pub fn unsettled(&self, limit: usize) -> io::Result<Vec<Transfer>> {
+    /// Transfers recorded but not yet settled, at most `limit`, in id order; without
+    /// payments when `payments` is false. The ids come from memory ([`pending`]); each
+    /// transfer is read by key (one settled meanwhile is left out).
+    pub fn unsettled(&self, limit: usize, payments: bool) -> io::Result<Vec<Transfer>> {
         let mut out = Vec::new();
-        for id in self.pending.first(self.group, limit) {
+        for id in self.pending.first(self.group, limit, payments) {
             if let Some(transfer) = self.get(&keys::unsettled(self.group, &id))? {
                 out.push(transfer);
             }
@@ -248,6 +248,12 @@ impl StateReader<'_> {
     /// How many transfers are unsettled.
     pub fn unsettled_count(&self) -> usize {
         self.pending.count(self.group)
+    }
+
+    /// When this node last applied a payment of this group (its own clock; `None`: not since
+    /// it started).
+    pub fn last_payment_recorded(&self) -> Option<std::time::Instant> {
+        self.pending.last_payment(self.group)
     }
 
     /// Packets whose expiry time is at or before `now` and that are not closed yet.

@@ -11,10 +11,17 @@
 //! the group's state machine changes it, with what it has just committed: after each apply
 //! batch ([`PendingTransfers::applied`]), and from a scan of `U` when the store opens and
 //! after a snapshot install ([`PendingTransfers::load`]).
+//!
+//! It also notes when each group last recorded a payment, so the settler can tell a group in
+//! the middle of a race (see `crate::settlement`). That instant is this node's clock, not
+//! replicated state: nothing applied depends on it.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::sync::MutexGuard;
+use std::time::Instant;
+
+use crate::packet::transfer::is_pay_id;
 
 /// What one apply batch did to the unsettled transfers.
 #[derive(Debug, Default)]
@@ -25,7 +32,14 @@ pub struct PendingChange {
 
 /// The unsettled transfer ids of every group of a node, in id order (the order of `U`).
 pub struct PendingTransfers {
-    groups: Vec<Mutex<BTreeSet<String>>>,
+    groups: Vec<Mutex<GroupPending>>,
+}
+
+#[derive(Default)]
+struct GroupPending {
+    ids: BTreeSet<String>,
+    /// When an apply batch of this node last recorded a payment of the group.
+    last_payment: Option<Instant>,
 }
 
 impl PendingTransfers {
@@ -33,14 +47,14 @@ impl PendingTransfers {
         PendingTransfers { groups: (0..groups).map(|_| Mutex::default()).collect() }
     }
 
-    fn group(&self, group: u32) -> Option<MutexGuard<'_, BTreeSet<String>>> {
+    fn group(&self, group: u32) -> Option<MutexGuard<'_, GroupPending>> {
         self.groups.get(group as usize).map(|m| m.lock().expect("pending transfers lock"))
     }
 
     /// Replaces the group's set with what RocksDB holds.
     pub fn load(&self, group: u32, ids: impl IntoIterator<Item = String>) {
-        if let Some(mut set) = self.group(group) {
-            *set = ids.into_iter().collect();
+        if let Some(mut pending) = self.group(group) {
+            pending.ids = ids.into_iter().collect();
         }
     }
 
@@ -49,20 +63,30 @@ impl PendingTransfers {
         if change.recorded.is_empty() && change.settled.is_empty() {
             return;
         }
-        let Some(mut set) = self.group(group) else { return };
-        set.extend(change.recorded);
+        let Some(mut pending) = self.group(group) else { return };
+        if change.recorded.iter().any(|id| is_pay_id(id)) {
+            pending.last_payment = Some(Instant::now());
+        }
+        pending.ids.extend(change.recorded);
         for id in &change.settled {
-            set.remove(id);
+            pending.ids.remove(id);
         }
     }
 
-    /// The first `limit` unsettled ids of the group, in id order.
-    pub fn first(&self, group: u32, limit: usize) -> Vec<String> {
-        self.group(group).map(|set| set.iter().take(limit).cloned().collect()).unwrap_or_default()
+    /// The first `limit` unsettled ids of the group, in id order; without payments when
+    /// `payments` is false.
+    pub fn first(&self, group: u32, limit: usize, payments: bool) -> Vec<String> {
+        let Some(pending) = self.group(group) else { return Vec::new() };
+        pending.ids.iter().filter(|id| payments || !is_pay_id(id)).take(limit).cloned().collect()
     }
 
     pub fn count(&self, group: u32) -> usize {
-        self.group(group).map_or(0, |set| set.len())
+        self.group(group).map_or(0, |pending| pending.ids.len())
+    }
+
+    /// When this node last recorded a payment of the group (`None`: not since it started).
+    pub fn last_payment(&self, group: u32) -> Option<Instant> {
+        self.group(group).and_then(|pending| pending.last_payment)
     }
 }
 
@@ -79,15 +103,29 @@ mod tests {
         let pending = PendingTransfers::new(2);
         pending.load(1, ids(&["pay:b:0"]));
         pending.applied(1, PendingChange { recorded: ids(&["fund:c", "pay:a:1"]), settled: ids(&["pay:b:0"]) });
-        assert_eq!(pending.first(1, 10), ids(&["fund:c", "pay:a:1"]));
-        assert_eq!(pending.first(1, 1), ids(&["fund:c"]));
+        assert_eq!(pending.first(1, 10, true), ids(&["fund:c", "pay:a:1"]));
+        assert_eq!(pending.first(1, 1, true), ids(&["fund:c"]));
         assert_eq!(pending.count(1), 2);
         assert_eq!(pending.count(0), 0, "groups are apart");
         // Recorded and settled in one batch: gone.
         pending.applied(1, PendingChange { recorded: ids(&["refund:c"]), settled: ids(&["refund:c", "fund:c"]) });
-        assert_eq!(pending.first(1, 10), ids(&["pay:a:1"]));
+        assert_eq!(pending.first(1, 10, true), ids(&["pay:a:1"]));
         pending.load(1, Vec::new());
         assert_eq!(pending.count(1), 0);
-        assert!(pending.first(9, 10).is_empty(), "an unknown group has none");
+        assert!(pending.first(9, 10, true).is_empty(), "an unknown group has none");
+    }
+
+    #[test]
+    fn payments_can_be_left_out_and_their_last_recording_is_noted() {
+        let pending = PendingTransfers::new(2);
+        pending.applied(1, PendingChange { recorded: ids(&["fund:c"]), settled: Vec::new() });
+        assert_eq!(pending.last_payment(1), None, "a funding is not a payment");
+        let before = Instant::now();
+        pending.applied(1, PendingChange { recorded: ids(&["pay:a:1", "pay:b:0", "refund:d"]), settled: Vec::new() });
+        assert!(pending.last_payment(1).is_some_and(|at| at >= before));
+        assert_eq!(pending.last_payment(0), None, "groups are apart");
+        assert_eq!(pending.first(1, 10, false), ids(&["fund:c", "refund:d"]));
+        assert_eq!(pending.first(1, 1, false), ids(&["fund:c"]));
+        assert_eq!(pending.first(1, 10, true), ids(&["fund:c", "pay:a:1", "pay:b:0", "refund:d"]));
     }
 }
