@@ -72,6 +72,9 @@ pub struct Outcome {
     /// After the race: latency of repeated grabs by users who hold a share (µs).
     pub duplicate_latency: Option<Histogram<u64>>,
     pub verified: bool,
+    /// For redpacket: how long after the race every payment had reached the ledger (the
+    /// books then reconciled, or the run is void). The peers pay as they grab.
+    pub settled_after: Option<Duration>,
     /// CPU seconds each watched process (by role) spent during the race.
     pub cpu: CpuSample,
     /// The local cluster's counters over the race, when the bench started the cluster.
@@ -130,7 +133,7 @@ impl Outcome {
         let (r50, r99, r999) = Self::quantiles(&self.refusal_latency);
         let (d50, d99, d999) = Self::quantiles(&self.duplicate_latency);
         format!(
-            "workload {} · {:.1} s · {} packets\n  grabs/s {:>10.0}   grabs {:>8}   attempts {:>8}   sold out {:>8}   busy {:>8}   errors {}\n  grab latency ms    p50 {p50:.2}  p99 {p99:.2}  p99.9 {p999:.2}\n  sold-out (in race) ms p50 {s50:.2}  p99 {s99:.2}\n  after sold out, ms: new user p50 {r50:.3} p99 {r99:.3} p99.9 {r999:.3} · repeat grab p50 {d50:.3} p99 {d99:.3} p99.9 {d999:.3}\n{}{}\n  money verified: {}",
+            "workload {} · {:.1} s · {} packets\n  grabs/s {:>10.0}   grabs {:>8}   attempts {:>8}   sold out {:>8}   busy {:>8}   errors {}\n  grab latency ms    p50 {p50:.2}  p99 {p99:.2}  p99.9 {p999:.2}\n  sold-out (in race) ms p50 {s50:.2}  p99 {s99:.2}\n  after sold out, ms: new user p50 {r50:.3} p99 {r99:.3} p99.9 {r999:.3} · repeat grab p50 {d50:.3} p99 {d99:.3} p99.9 {d999:.3}\n{}{}\n  money verified: {}{}",
             self.workload,
             self.elapsed.as_secs_f64(),
             self.packets,
@@ -142,7 +145,11 @@ impl Outcome {
             self.errors,
             self.cpu_line(),
             self.cluster_line(),
-            if self.verified { "every packet's claims sum to its total" } else { "NO — this run is void" }
+            if self.verified { "every packet's claims sum to its total" } else { "NO — this run is void" },
+            match self.settled_after {
+                Some(after) => format!("\n  payments settled {:.1} s after the race; the books reconcile", after.as_secs_f64()),
+                None => String::new(),
+            }
         )
     }
 
@@ -159,6 +166,7 @@ impl Outcome {
             "sold_out_p50_ms": s50, "sold_out_p99_ms": s99,
             "refusal_p50_ms": r50, "refusal_p99_ms": r99, "duplicate_p50_ms": d50, "duplicate_p99_ms": d99,
             "verified": self.verified,
+            "settled_after_s": self.settled_after.map(|d| d.as_secs_f64()),
             "cpu_us_per_grab": self.cpu_per_grab_us().into_iter().map(|(role, us)| (role.to_string(), serde_json::json!(us))).collect::<serde_json::Map<_, _>>(),
         });
         if let (Some(c), Some(per_s), Some(fields)) = (self.cluster, self.fsyncs_per_second(), json.as_object_mut()) {
@@ -211,6 +219,11 @@ pub trait Target: Clone + Send + Sync + 'static {
     fn grab(&self, packet: &str, user: &str) -> impl Future<Output = Attempt> + Send;
     /// Every packet is fully taken and its shares sum exactly to its total.
     fn verify(&self, packets: &[String]) -> impl Future<Output = anyhow::Result<bool>> + Send;
+    /// Waits until every transfer the race caused has reached the ledger, then checks the
+    /// books: `Some(reconciled)`, or `None` for a system whose grab is the whole payment.
+    fn settle(&self) -> impl Future<Output = anyhow::Result<Option<bool>>> + Send {
+        async { Ok(None) }
+    }
 }
 
 /// redpacket through its client crate. A grab is `grab_and_open`: the user's share is taken,
@@ -235,6 +248,10 @@ impl Target for Redpacket {
 
     async fn verify(&self, packets: &[String]) -> anyhow::Result<bool> {
         verify(&self.0, packets).await
+    }
+
+    async fn settle(&self) -> anyhow::Result<Option<bool>> {
+        Ok(Some(crate::mixed::settle_and_reconcile(&self.0).await?))
     }
 }
 
@@ -350,10 +367,20 @@ pub async fn race<T: Target>(
         _ => None,
     };
     let after = refuse(target, &ids, Arc::new(winners), next_user.load(Ordering::Relaxed), refusals.1, refusals.0).await?;
-    let verified = after.oversold == 0 && target.verify(&ids).await?;
+    let mut verified = after.oversold == 0 && target.verify(&ids).await?;
     if after.oversold > 0 {
         eprintln!("{} new users got a share of a sold-out packet: oversale", after.oversold);
     }
+    let settled_after = match target.settle().await? {
+        Some(reconciled) => {
+            if !reconciled {
+                eprintln!("the payments did not all settle within a minute, or the books do not reconcile");
+            }
+            verified &= reconciled;
+            Some((started + elapsed).elapsed())
+        }
+        None => None,
+    };
     Ok(Outcome {
         workload: name,
         elapsed,
@@ -368,6 +395,7 @@ pub async fn race<T: Target>(
         refusal_latency: Some(after.sold_out),
         duplicate_latency: Some(after.duplicate),
         verified,
+        settled_after,
         cpu,
         cluster,
     })

@@ -206,6 +206,7 @@ pub async fn settle_and_reconcile(client: &Client) -> anyhow::Result<bool> {
             }
             return Ok(report.pending_transfers == 0 && report.mismatches.is_empty() && report.ledger_conserved);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Often enough to time settlement after a race to a quarter second.
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
