@@ -154,7 +154,7 @@ def main(meta_path, results_path):
         cells = [statistics.median(r["result"]["cpu_us_per_grab"].get(role, 0.0) for r in ok) for role in roles]
         # The cluster's own counters over the race (absent in results of older binaries).
         log = [statistics.median(r["result"][k] for r in ok) if all(k in r["result"] for r in ok) else None
-               for k in ("ops_per_entry", "wal_fsyncs_per_s")]
+               for k in ("ops_per_entry", "wal_fsyncs_per_s", "settled_after_s")]
         cpu_rows.append((wl, roles, cells, log))
     if cpu_rows:
         w("## Where redpacket's CPU goes")
@@ -165,14 +165,16 @@ def main(meta_path, results_path):
           f"The machine has {meta['nproc']} cores; a cluster saturates them at "
           "1 s × cores / (CPU per grab). Over the same race, from the nodes' own counters: the "
           "grabs and opens each `Batch` log entry carried, and the WAL fsyncs per second of the "
-          "three nodes together.")
+          "three nodes together. Last, how long after the race every payment had reached the "
+          "ledger (the books then reconciled): a racing group's payments wait for the race to "
+          "end, so the race's CPU leaves them out.")
         w("")
-        w("| workload | " + " | ".join(f"{role} µs" for role in cpu_rows[0][1]) + " | total µs | ceiling grabs/s | ops per log entry | fsyncs/s |")
-        w("| --- | " + " | ".join("---:" for _ in cpu_rows[0][1]) + " | ---: | ---: | ---: | ---: |")
-        for wl, roles, cells, (per_entry, fsyncs) in cpu_rows:
+        w("| workload | " + " | ".join(f"{role} µs" for role in cpu_rows[0][1]) + " | total µs | ceiling grabs/s | ops per log entry | fsyncs/s | payments settled after, s |")
+        w("| --- | " + " | ".join("---:" for _ in cpu_rows[0][1]) + " | ---: | ---: | ---: | ---: | ---: |")
+        for wl, roles, cells, (per_entry, fsyncs, settled) in cpu_rows:
             total = sum(cells)
             ceiling = int(meta['nproc']) * 1e6 / total if total else 0
-            log = (f"{per_entry:.1f}" if per_entry is not None else "—") + " | " + (f"{fsyncs:.0f}" if fsyncs is not None else "—")
+            log = (f"{per_entry:.1f}" if per_entry is not None else "—") + " | " + (f"{fsyncs:.0f}" if fsyncs is not None else "—") + " | " + (f"{settled:.1f}" if settled is not None else "—")
             w(f"| {wl} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {total:.1f} | {ceiling:.0f} | {log} |")
         w("")
 
