@@ -90,6 +90,9 @@ pub struct PaymentSettings {
     /// How often a leader looks for unsettled transfers and expired packets (it is also
     /// woken at once when a transfer is recorded).
     pub settle_interval_ms: u64,
+    /// Longest a leader holds back the payments of a group that is racing (recording
+    /// payments) before settling a pass of them; 0: payments never wait.
+    pub max_payment_deferral_ms: u64,
 }
 
 impl Default for PaymentSettings {
@@ -99,9 +102,14 @@ impl Default for PaymentSettings {
             escrow_account: "escrow:redpacket".into(),
             fund_timeout_ms: 10_000,
             settle_interval_ms: 500,
+            max_payment_deferral_ms: 2_000,
         }
     }
 }
+
+/// A payment is held back during a race for at most a minute: beyond that a grabber would
+/// wonder where the money went.
+pub const MAX_PAYMENT_DEFERRAL_LIMIT_MS: u64 = 60_000;
 
 fn default_groups() -> u32 {
     16
@@ -207,6 +215,9 @@ impl NodeConfig {
         if crate::packet::validate::user_id("payment.escrow_account", &self.payment.escrow_account).is_err() {
             return Err(("payment.escrow_account", "must be a non-empty printable account id".into()));
         }
+        if self.payment.max_payment_deferral_ms > MAX_PAYMENT_DEFERRAL_LIMIT_MS {
+            return Err(("payment.max_payment_deferral_ms", format!("must be at most {MAX_PAYMENT_DEFERRAL_LIMIT_MS} (0: payments never wait)")));
+        }
         if r.snapshot_every_entries == 0 {
             return Err(("raft.snapshot_every_entries", "must be at least 1".into()));
         }
@@ -262,6 +273,18 @@ mod tests {
             c.limits.max_shares = bad;
             assert_eq!(c.validate().unwrap_err().0, "limits.max_shares");
         }
+    }
+
+    #[test]
+    fn payment_deferral_is_bounded() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/local");
+        let mut c = NodeConfig::load(&dir.join("node-1.toml")).unwrap();
+        for ok in [0, MAX_PAYMENT_DEFERRAL_LIMIT_MS] {
+            c.payment.max_payment_deferral_ms = ok;
+            assert!(c.validate().is_ok());
+        }
+        c.payment.max_payment_deferral_ms = MAX_PAYMENT_DEFERRAL_LIMIT_MS + 1;
+        assert_eq!(c.validate().unwrap_err().0, "payment.max_payment_deferral_ms");
     }
 
     #[test]

@@ -76,6 +76,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
         ctx.store.clone(),
         ctx.ledger.clone(),
         Duration::from_millis(config.payment.settle_interval_ms),
+        Duration::from_millis(config.payment.max_payment_deferral_ms),
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
