@@ -90,8 +90,8 @@ pub struct PaymentSettings {
     /// How often a leader looks for unsettled transfers and expired packets (it is also
     /// woken at once when a transfer is recorded).
     pub settle_interval_ms: u64,
-    /// Longest a leader holds back the payments of a group that is racing (recording
-    /// payments) before settling a pass of them; 0: payments never wait.
+    /// How long into a race (a group recording payments) its leader holds the group's
+    /// payments back; later ones settle as they come. 0: payments never wait.
     pub max_payment_deferral_ms: u64,
 }
 
