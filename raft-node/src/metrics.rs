@@ -36,6 +36,7 @@ pub struct Metrics {
     leader_changes: IntCounterVec,
     lag: IntGaugeVec,
     unsettled: IntGaugeVec,
+    held_back: IntCounterVec,
     rocksdb_bytes: IntGauge,
     batch_streams: IntGauge,
     last_leader: Mutex<HashMap<u32, Option<u64>>>,
@@ -68,6 +69,10 @@ impl Metrics {
         let leader_changes = must(IntCounterVec::new(Opts::new("raft_leader_changes_total", "Leader changes seen per group"), &["group"]));
         let lag = must(IntGaugeVec::new(Opts::new("raft_replication_lag_entries", "Entries a follower is behind (on the leader)"), &["group", "follower"]));
         let unsettled = must(IntGaugeVec::new(Opts::new("unsettled_transfers", "Transfers recorded but not yet settled, per group"), &["group"]));
+        let held_back = must(IntCounterVec::new(
+            Opts::new("settlement_passes_held_back_total", "Settlement passes that left a racing group's payments for later (on its leader)"),
+            &["group"],
+        ));
         let rocksdb_bytes = must(IntGauge::new("rocksdb_size_bytes", "RocksDB SST files plus memtables"));
         let batch_streams =
             must(IntGauge::new("batch_streams_open", "Clients' BatchStreams open on this node (a client keeps one per node it sends to)"));
@@ -83,6 +88,7 @@ impl Metrics {
             Box::new(leader_changes.clone()),
             Box::new(lag.clone()),
             Box::new(unsettled.clone()),
+            Box::new(held_back.clone()),
             Box::new(rocksdb_bytes.clone()),
             Box::new(batch_streams.clone()),
         ] {
@@ -101,6 +107,7 @@ impl Metrics {
             leader_changes,
             lag,
             unsettled,
+            held_back,
             rocksdb_bytes,
             batch_streams,
             last_leader: Mutex::default(),
@@ -124,6 +131,11 @@ impl Metrics {
 
     pub fn admission_refused(&self) {
         self.admission_refused.inc();
+    }
+
+    /// A settlement pass left the group's payments for later (it is racing).
+    pub fn payments_held_back(&self, group: u32) {
+        self.held_back.with_label_values(&[&group.to_string()]).inc();
     }
 
     /// Counts a client's `BatchStream` as open until the returned guard is dropped, with the stream.
@@ -206,4 +218,24 @@ pub async fn serve(metrics: Arc<Metrics>, listener: tokio::net::TcpListener) -> 
     tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
     axum::serve(listener, app).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_back_passes_are_counted_per_group() {
+        let metrics = Metrics::new(1);
+        metrics.payments_held_back(3);
+        metrics.payments_held_back(3);
+        metrics.payments_held_back(0);
+        let text = metrics.render();
+        for expected in [
+            r#"redpacket_settlement_passes_held_back_total{group="3",node="1"} 2"#,
+            r#"redpacket_settlement_passes_held_back_total{group="0",node="1"} 1"#,
+        ] {
+            assert!(text.contains(expected), "missing {expected} in:\n{text}");
+        }
+    }
 }

@@ -75,6 +75,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
         groups.clone(),
         ctx.store.clone(),
         ctx.ledger.clone(),
+        ctx.metrics.clone(),
         Duration::from_millis(config.payment.settle_interval_ms),
         Duration::from_millis(config.payment.max_payment_deferral_ms),
     ));

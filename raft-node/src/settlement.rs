@@ -43,6 +43,7 @@ use redpacket_proto::payment::payment_ledger_client::PaymentLedgerClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
+use crate::metrics::Metrics;
 use crate::packet::transfer::Settlement;
 use crate::packet::transfer::Transfer;
 use crate::packet::transfer::TransferKind;
@@ -126,7 +127,14 @@ impl Deferral {
 /// [`MIN_PASS_GAP`]), at least every [`PASS_INTERVAL`] (or `interval`, when shorter), and
 /// again after [`MIN_PASS_GAP`] while a group has more than [`BACKLOG`] pending and the
 /// last pass settled something; expiry every `interval`.
-pub async fn run(groups: Arc<Groups>, store: Store, ledger: PaymentLedgerClient<Channel>, interval: Duration, max_payment_deferral: Duration) {
+pub async fn run(
+    groups: Arc<Groups>,
+    store: Store,
+    ledger: PaymentLedgerClient<Channel>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    max_payment_deferral: Duration,
+) {
     let mut last_expiry = tokio::time::Instant::now();
     let mut backlog = false;
     let mut deferral = Deferral::new(max_payment_deferral);
@@ -142,7 +150,7 @@ pub async fn run(groups: Arc<Groups>, store: Store, ledger: PaymentLedgerClient<
             last_expiry = tokio::time::Instant::now();
         }
         let led: Vec<(u32, &Raft)> = groups.all().filter(|(_, raft)| raft.is_leader()).collect();
-        backlog = match settle_groups(&led, &store, ledger.clone(), &mut deferral).await {
+        backlog = match settle_groups(&led, &store, ledger.clone(), &mut deferral, &metrics).await {
             Ok(backlog) => backlog,
             Err(e) => {
                 tracing::warn!("settlement pass: {e}");
@@ -171,7 +179,13 @@ pub async fn run(groups: Arc<Groups>, store: Store, ledger: PaymentLedgerClient<
 /// pass must not cost the sum of every group's round trips. A racing group's payments are
 /// left for later ([`Deferral`]). `true` when a group had more than [`BACKLOG`] pending and
 /// this pass settled something.
-async fn settle_groups(led: &[(u32, &Raft)], store: &Store, ledger: PaymentLedgerClient<Channel>, deferral: &mut Deferral) -> anyhow::Result<bool> {
+async fn settle_groups(
+    led: &[(u32, &Raft)],
+    store: &Store,
+    ledger: PaymentLedgerClient<Channel>,
+    deferral: &mut Deferral,
+    metrics: &Metrics,
+) -> anyhow::Result<bool> {
     // Each transfer with the index in `led` of the group it belongs to.
     let mut pending: Vec<(usize, Transfer)> = Vec::new();
     let mut backlog = false;
@@ -181,6 +195,9 @@ async fn settle_groups(led: &[(u32, &Raft)], store: &Store, ledger: PaymentLedge
         let unsettled = reader.unsettled_count();
         backlog |= unsettled > BACKLOG;
         let payments = !deferral.defer(group, reader.last_payment_recorded(), unsettled, now);
+        if !payments {
+            metrics.payments_held_back(group);
+        }
         pending.extend(reader.unsettled(BATCH, payments)?.into_iter().map(|t| (slot, t)));
     }
     if pending.is_empty() {
