@@ -194,11 +194,13 @@ async fn settle_groups(
         let reader = store.reader(group);
         let unsettled = reader.unsettled_count();
         backlog |= unsettled > BACKLOG;
-        let payments = !deferral.defer(group, reader.last_payment_recorded(), unsettled, now);
-        if !payments {
+        let transfers = if deferral.defer(group, reader.last_payment_recorded(), unsettled, now) {
             metrics.payments_held_back(group);
-        }
-        pending.extend(reader.unsettled(BATCH, payments)?.into_iter().map(|t| (slot, t)));
+            reader.unsettled_except_payments(BATCH)?
+        } else {
+            reader.unsettled(BATCH)?
+        };
+        pending.extend(transfers.into_iter().map(|t| (slot, t)));
     }
     if pending.is_empty() {
         return Ok(false);

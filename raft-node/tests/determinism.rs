@@ -145,7 +145,7 @@ async fn transfers_stay_unsettled_until_settled_and_the_first_outcome_stands() {
     let unfunded = packet(4, 2, 500, Kind::Lucky, Recipients::Anyone).packet_id;
 
     // Never settled: b's one payment and the two refunds of the expiry.
-    let mut unsettled: Vec<String> = reader.unsettled(usize::MAX, true).unwrap().into_iter().map(|t| t.id).collect();
+    let mut unsettled: Vec<String> = reader.unsettled(usize::MAX).unwrap().into_iter().map(|t| t.id).collect();
     unsettled.sort();
     let mut expected = vec![pay_id(&b, 0), refund_id(&a), refund_id(&b)];
     expected.sort();
@@ -175,8 +175,8 @@ async fn transfers_stay_unsettled_until_settled_and_the_first_outcome_stands() {
     // The unsettled set is kept in memory; a reopened store rebuilds it from RocksDB.
     drop(store);
     let store = Store::open(dir.path(), 1, 4).unwrap();
-    let mut again: Vec<String> = store.reader(GROUP).unsettled(usize::MAX, true).unwrap().into_iter().map(|t| t.id).collect();
+    let mut again: Vec<String> = store.reader(GROUP).unsettled(usize::MAX).unwrap().into_iter().map(|t| t.id).collect();
     again.sort();
     assert_eq!(again, expected);
-    assert_eq!(store.reader(GROUP).unsettled(2, true).unwrap().len(), 2, "the limit holds");
+    assert_eq!(store.reader(GROUP).unsettled(2).unwrap().len(), 2, "the limit holds");
 }

@@ -30,6 +30,7 @@ use crate::packet::Claim;
 use crate::packet::Packet;
 use crate::packet::PacketId;
 use crate::packet::transfer::Transfer;
+use crate::packet::transfer::is_pay_id;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -232,12 +233,22 @@ impl StateReader<'_> {
         scan(self.db, prefix, limit)
     }
 
-    /// Transfers recorded but not yet settled, at most `limit`, in id order; without
-    /// payments when `payments` is false. The ids come from memory ([`pending`]); each
-    /// transfer is read by key (one settled meanwhile is left out).
-    pub fn unsettled(&self, limit: usize, payments: bool) -> io::Result<Vec<Transfer>> {
+    /// Transfers recorded but not yet settled, at most `limit`, in id order. The ids come
+    /// from memory ([`pending`]); each transfer is read by key (one settled meanwhile is
+    /// left out).
+    pub fn unsettled(&self, limit: usize) -> io::Result<Vec<Transfer>> {
+        self.unsettled_where(limit, |_| true)
+    }
+
+    /// As [`StateReader::unsettled`], fundings and refunds only (a racing group's payments
+    /// wait: `crate::settlement`).
+    pub fn unsettled_except_payments(&self, limit: usize) -> io::Result<Vec<Transfer>> {
+        self.unsettled_where(limit, |id| !is_pay_id(id))
+    }
+
+    fn unsettled_where(&self, limit: usize, keep: impl Fn(&str) -> bool) -> io::Result<Vec<Transfer>> {
         let mut out = Vec::new();
-        for id in self.pending.first(self.group, limit, payments) {
+        for id in self.pending.first(self.group, limit, keep) {
             if let Some(transfer) = self.get(&keys::unsettled(self.group, &id))? {
                 out.push(transfer);
             }

@@ -73,11 +73,12 @@ impl PendingTransfers {
         }
     }
 
-    /// The first `limit` unsettled ids of the group, in id order; without payments when
-    /// `payments` is false.
-    pub fn first(&self, group: u32, limit: usize, payments: bool) -> Vec<String> {
+    /// The first `limit` unsettled ids of the group that `keep` accepts, in id order. (A
+    /// filter walks past every id it rejects; the settler only leaves payments out while the
+    /// group has at most `settlement::BACKLOG` pending.)
+    pub fn first(&self, group: u32, limit: usize, keep: impl Fn(&str) -> bool) -> Vec<String> {
         let Some(pending) = self.group(group) else { return Vec::new() };
-        pending.ids.iter().filter(|id| payments || !is_pay_id(id)).take(limit).cloned().collect()
+        pending.ids.iter().filter(|id| keep(id)).take(limit).cloned().collect()
     }
 
     pub fn count(&self, group: u32) -> usize {
@@ -103,16 +104,16 @@ mod tests {
         let pending = PendingTransfers::new(2);
         pending.load(1, ids(&["pay:b:0"]));
         pending.applied(1, PendingChange { recorded: ids(&["fund:c", "pay:a:1"]), settled: ids(&["pay:b:0"]) });
-        assert_eq!(pending.first(1, 10, true), ids(&["fund:c", "pay:a:1"]));
-        assert_eq!(pending.first(1, 1, true), ids(&["fund:c"]));
+        assert_eq!(pending.first(1, 10, |_| true), ids(&["fund:c", "pay:a:1"]));
+        assert_eq!(pending.first(1, 1, |_| true), ids(&["fund:c"]));
         assert_eq!(pending.count(1), 2);
         assert_eq!(pending.count(0), 0, "groups are apart");
         // Recorded and settled in one batch: gone.
         pending.applied(1, PendingChange { recorded: ids(&["refund:c"]), settled: ids(&["refund:c", "fund:c"]) });
-        assert_eq!(pending.first(1, 10, true), ids(&["pay:a:1"]));
+        assert_eq!(pending.first(1, 10, |_| true), ids(&["pay:a:1"]));
         pending.load(1, Vec::new());
         assert_eq!(pending.count(1), 0);
-        assert!(pending.first(9, 10, true).is_empty(), "an unknown group has none");
+        assert!(pending.first(9, 10, |_| true).is_empty(), "an unknown group has none");
     }
 
     #[test]
@@ -124,8 +125,9 @@ mod tests {
         pending.applied(1, PendingChange { recorded: ids(&["pay:a:1", "pay:b:0", "refund:d"]), settled: Vec::new() });
         assert!(pending.last_payment(1).is_some_and(|at| at >= before));
         assert_eq!(pending.last_payment(0), None, "groups are apart");
-        assert_eq!(pending.first(1, 10, false), ids(&["fund:c", "refund:d"]));
-        assert_eq!(pending.first(1, 1, false), ids(&["fund:c"]));
-        assert_eq!(pending.first(1, 10, true), ids(&["fund:c", "pay:a:1", "pay:b:0", "refund:d"]));
+        let not_a_payment = |id: &str| !is_pay_id(id);
+        assert_eq!(pending.first(1, 10, not_a_payment), ids(&["fund:c", "refund:d"]));
+        assert_eq!(pending.first(1, 1, not_a_payment), ids(&["fund:c"]));
+        assert_eq!(pending.first(1, 10, |_| true), ids(&["fund:c", "pay:a:1", "pay:b:0", "refund:d"]));
     }
 }
