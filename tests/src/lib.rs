@@ -444,19 +444,25 @@ impl Cluster {
     /// Waits until every running node sees a leader for every group.
     pub async fn wait_all_leaders(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        'wait: while Instant::now() < deadline {
-            for id in self.node_ids().into_iter().filter(|id| self.is_running(*id)) {
-                match self.status_of(id).await {
-                    Ok(s) if s.groups.iter().all(|g| g.leader.is_some()) => {}
-                    _ => {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue 'wait;
-                    }
-                }
-            }
-            return Ok(());
+        for id in self.node_ids().into_iter().filter(|id| self.is_running(*id)) {
+            self.status_with_all_leaders(id, deadline).await?;
         }
-        bail!("not every group elected a leader within 30 s")
+        Ok(())
+    }
+
+    /// Node `id`'s status, read again until it shows a leader for every group (a group shows
+    /// none while it elects one or moves its leadership), up to `deadline`.
+    pub async fn status_with_all_leaders(&self, id: u64, deadline: Instant) -> anyhow::Result<NodeStatus> {
+        loop {
+            let last = match self.status_of(id).await {
+                Ok(s) if s.groups.iter().all(|g| g.leader.is_some()) => return Ok(s),
+                other => other,
+            };
+            if Instant::now() >= deadline {
+                bail!("node {id} did not see a leader for every group in time (last status: {last:?})");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The leader of `group` as seen by a running node that knows one.

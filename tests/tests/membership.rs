@@ -153,17 +153,11 @@ async fn remove_the_busiest_node_then_replace_a_dead_one() {
     // The node leading the most groups leaves; its leaderships move first. Leaderships may
     // still be moving to the new node (a group shows no leader mid-transfer), so the count is
     // taken from a status in which every group has one.
-    let mut status = cluster.status_of(4).await.unwrap();
-    for _ in 0..300 {
-        if status.groups.iter().all(|g| g.leader.is_some()) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        status = cluster.status_of(4).await.unwrap();
-    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let status = cluster.status_with_all_leaders(4, deadline).await.unwrap();
     let mut counts = std::collections::BTreeMap::new();
     for g in &status.groups {
-        *counts.entry(g.leader.expect("every group shows a leader within 30 s")).or_insert(0) += 1;
+        *counts.entry(g.leader.unwrap()).or_insert(0) += 1;
     }
     let busiest = *counts.iter().max_by_key(|(_, c)| **c).unwrap().0;
     let admin = cluster.client_of(if busiest == 4 { 1 } else { 4 });
