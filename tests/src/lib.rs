@@ -441,7 +441,9 @@ impl Cluster {
         bail!("node {id} did not start serving (last error: {last:?}); log:\n{}", self.log_tail(id))
     }
 
-    /// Waits until every running node sees a leader for every group.
+    /// Waits until every running node sees a leader for every group, node by node: each is
+    /// read until it shows one, and a node already passed is not read again (a leadership
+    /// that moves later is not waited for).
     pub async fn wait_all_leaders(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         for id in self.node_ids().into_iter().filter(|id| self.is_running(*id)) {
